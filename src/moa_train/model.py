@@ -1,0 +1,273 @@
+"""MoAModel: a stock HF causal LM with MoA experts attached; PEFT-style save / load / disable."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moa_train.config import MoAConfig
+from moa_train.errors import MoATrainError
+from moa_train.inject import find_decoder_layers, inject, restore_attention
+from moa_train.layer import MoALayer, MoAState
+from moa_train.telemetry import summarize
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+ADAPTER_TAG = ".moa."  # every adapter / router parameter lives under <decoder layer>.moa.
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def parameter_type(name: str) -> str:
+    """Expert type of an adapter parameter name, for the trainable-parameter breakdown."""
+    if ".threshold." in name:
+        return "threshold"
+    if ".router." in name:
+        return "router"
+    for kind in ("lora", "prompt", "pa"):
+        if f".moa.{kind}." in name:
+            return kind
+    return "other"
+
+
+class MoAModel(nn.Module):
+    """Wraps ``base_model`` (frozen) with the experts and routers described by ``config``."""
+
+    def __init__(self, base_model: nn.Module, config: MoAConfig) -> None:
+        super().__init__()
+        self.base_model = base_model
+        self.moa_config = config
+        self._state = MoAState(config.sparse_impl)
+        for param in base_model.parameters():
+            param.requires_grad_(False)
+        self._moa_layers, self._handles = inject(base_model, config, self._state)
+        for name, param in base_model.named_parameters():
+            if ADAPTER_TAG in name:
+                param.requires_grad_(True)
+
+    # -- forward / generation ----------------------------------------------------------------------
+    def forward(self, *args: Any, instance_mask: torch.Tensor | None = None, **kwargs: Any):
+        """Same arguments as the base model. ``instance_mask`` [B, T] overrides the tokens that an
+        instance-level router averages over (default: the prompt, i.e. labels == -100, or all tokens)."""
+        self._state.explicit_instance_mask = instance_mask
+        try:
+            return self.base_model(*args, **kwargs)
+        finally:
+            self._state.explicit_instance_mask = None
+
+    def generate(self, *args: Any, **kwargs: Any):
+        return self.base_model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(super().__getattr__("base_model"), name)
+
+    # -- losses and telemetry ----------------------------------------------------------------------
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        """Unweighted aux losses of the last forward, each summed over every router (layers, sites)."""
+        return {name: total for name, (total, _) in self._state.aux.items()}
+
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of coefficient × aux loss for the last forward (0 when every coefficient is 0)."""
+        total = torch.zeros((), device=self._device())
+        for loss, coef in self._state.aux.values():
+            total = total + coef * loss
+        return total
+
+    def _primary_routers(self) -> list[tuple[int, MoALayer, nn.Module, list[str]]]:
+        """Per layer: the block router, else the FFN-down site router (else the first site router)."""
+        found = []
+        for index, moa in enumerate(self._moa_layers):
+            if moa is None:
+                continue
+            if moa.router is not None:
+                found.append((index, moa, moa.router, list(moa.router_outputs)))
+                continue
+            site_routers = [(s, m.router) for s, m in moa.lora.items() if m.router is not None]
+            for extra, module in (("pa", moa.pa), ("prompt", moa.prompt)):
+                if module is not None and module.router is not None:
+                    site_routers.append((extra, module.router))
+            if site_routers:
+                site, router = next(((s, r) for s, r in site_routers if s == "down"), site_routers[0])
+                found.append((index, moa, router, [f"{site}.e{i}" for i in range(router.num_experts)]))
+        return found
+
+    def router_stats(self, reset: bool = False) -> dict[str, Any]:
+        """Per layer x expert statistics since the last reset (one host sync, here).
+
+        Layers with different expert sets (layer spans) share one column list; absent experts are NaN.
+        """
+        routers = self._primary_routers()
+        if not routers:
+            return {"layers": [], "experts": [], "tokens": 0}
+        experts: list[str] = []
+        for _, _, _, names in routers:
+            experts += [n for n in names if n not in experts]
+        stats = {k: v.detach().cpu() for k, v in summarize([r.telemetry for _, _, r, _ in routers]).items()}
+
+        def spread(matrix: torch.Tensor) -> list[list[float]]:
+            table = []
+            for row, (_, _, _, names) in zip(matrix.tolist(), routers):
+                by_name = dict(zip(names, row))
+                table.append([by_name.get(n, float("nan")) for n in experts])
+            return table
+
+        result = {
+            "layers": [i for i, _, _, _ in routers],
+            "experts": experts,
+            "tokens": int(stats["tokens"].max().item()),
+            "mean_gate": spread(stats["mean_gate"]),
+            "active_frac": spread(stats["active_frac"]),
+            "active_per_token": stats["active_per_token"].tolist(),
+            "entropy": stats["entropy"].tolist(),
+            "mean_threshold": stats["mean_threshold"].tolist() if bool(stats["has_threshold"].any()) else None,
+        }
+        if reset:
+            self.reset_router_stats()
+        return result
+
+    def reset_router_stats(self) -> None:
+        for module in self.base_model.modules():
+            if hasattr(module, "telemetry") and module.__class__.__name__ == "Router":
+                module.telemetry.reset()
+
+    @contextlib.contextmanager
+    def capture_gates(self) -> Iterator[list[torch.Tensor]]:
+        """Collect every router's weights ([B, T, E] per layer, in call order) while the block runs."""
+        captured: list[torch.Tensor] = []
+        self._state.capture = captured
+        try:
+            yield captured
+        finally:
+            self._state.capture = None
+
+    @contextlib.contextmanager
+    def disable_adapters(self) -> Iterator[None]:
+        """Run the plain base model: no expert, no router, no prompt attention."""
+        self._state.enabled = False
+        try:
+            yield
+        finally:
+            self._state.enabled = True
+
+    def set_telemetry(self, enabled: bool) -> None:
+        self._state.collect_stats = enabled
+
+    # -- parameters -------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        return {n: p for n, p in self.base_model.named_parameters() if ADAPTER_TAG in n}
+
+    def num_trainable_parameters(self, by_type: bool = False) -> int | dict[str, int]:
+        counts: dict[str, int] = {}
+        for name, param in self.base_model.named_parameters():
+            if param.requires_grad:
+                kind = parameter_type(name)
+                counts[kind] = counts.get(kind, 0) + param.numel()
+        total = sum(counts.values())
+        return {**counts, "total": total} if by_type else total
+
+    def print_trainable_parameters(self) -> None:
+        trainable = self.num_trainable_parameters()
+        total = sum(p.numel() for p in self.base_model.parameters())
+        by_type = self.num_trainable_parameters(by_type=True)
+        parts = ", ".join(f"{k}: {v:,}" for k, v in by_type.items() if k != "total")
+        print(
+            f"trainable params: {trainable:,} || all params: {total:,} || "
+            f"trainable%: {100 * trainable / max(total, 1):.4f} ({parts})"
+        )
+
+    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+        # Non-reentrant: gates are computed outside the checkpointed layer body and must get gradients.
+        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
+        self.base_model.gradient_checkpointing_enable(**kwargs)
+
+    def _device(self) -> torch.device:
+        return next(self.base_model.parameters()).device
+
+    # -- save / load ------------------------------------------------------------------------------
+    def save_pretrained(self, save_directory: str | os.PathLike, extra_config: dict | None = None) -> None:
+        """Write adapter_config.json + adapter_model.safetensors (adapters and routers only)."""
+        path = Path(save_directory)
+        path.mkdir(parents=True, exist_ok=True)
+        tensors = {n: p.detach().contiguous().cpu() for n, p in self.adapter_state_dict().items()}
+        config = {"format_version": FORMAT_VERSION, "moa_config": self.moa_config.to_dict(), **(extra_config or {})}
+        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
+        _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str)))
+
+    @staticmethod
+    def read_config(directory: str | os.PathLike) -> dict[str, Any]:
+        path = Path(directory) / CONFIG_NAME
+        if not path.is_file():
+            raise MoATrainError(f"no {CONFIG_NAME} in {directory}; pass a directory written by save_pretrained")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise MoATrainError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+
+    @classmethod
+    def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> MoAModel:
+        """Attach the saved experts to a fresh ``base_model`` and load their weights."""
+        data = cls.read_config(directory)
+        if "moa_config" not in data:
+            raise MoATrainError(f"{Path(directory) / CONFIG_NAME} has no 'moa_config'; it is not a moa_train adapter")
+        model = cls(base_model, MoAConfig.from_dict(data["moa_config"]))
+        weights_path = Path(directory) / WEIGHTS_NAME
+        if not weights_path.is_file():
+            raise MoATrainError(f"no {WEIGHTS_NAME} in {directory}; the checkpoint is incomplete")
+        model.load_adapter_weights(load_file(str(weights_path)), source=str(weights_path))
+        return model
+
+    def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        own = self.adapter_state_dict()
+        missing = sorted(set(own) - set(tensors))
+        unexpected = sorted(set(tensors) - set(own))
+        if missing or unexpected:
+            name = (missing or unexpected)[0]
+            raise MoATrainError(
+                f"{source} does not fit this model: {len(missing)} adapter tensors missing, "
+                f"{len(unexpected)} unexpected (e.g. {name}); load it into the base model it was trained on"
+            )
+        for name, param in own.items():
+            if tuple(tensors[name].shape) != tuple(param.shape):
+                raise MoATrainError(
+                    f"{source} does not fit this model: {name} has shape {list(tensors[name].shape)} "
+                    f"but the model expects {list(param.shape)}; pass the base model it was trained on (model=...)"
+                )
+        with torch.no_grad():
+            for name, param in own.items():
+                param.copy_(tensors[name].to(param.dtype))
+
+    def unload(self) -> nn.Module:
+        """Remove every hook and expert; return the untouched base model."""
+        for handle in self._handles:
+            handle.remove()
+        for layer in find_decoder_layers(self.base_model):
+            if hasattr(layer, "moa"):
+                del layer.moa
+            attn = getattr(layer, "self_attn", None)
+            if attn is not None:
+                attn.__dict__.pop("_moa_layer", None)
+        restore_attention(self.base_model)
+        return self.base_model
+
+
+def get_moa_model(model: nn.Module, config: MoAConfig | dict) -> MoAModel:
+    """Attach MoA experts and routers to a Hugging Face causal LM (its weights are frozen)."""
+    if isinstance(config, dict):
+        config = MoAConfig.from_dict(config)
+    return MoAModel(model, config)

@@ -1,0 +1,123 @@
+"""Router: gate network (linear / SwiGLU / none) -> activation -> selection, plus aux losses and telemetry."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa_train.config import RouterConfig
+from moa_train.routers import aux_losses, selection
+from moa_train.telemetry import RouterTelemetry, in_backward
+
+
+@dataclass
+class RouterOutput:
+    weights: torch.Tensor  # [..., E] what each expert's output is multiplied by (0 where not kept)
+    keep: torch.Tensor | None  # [..., E] bool, None for dense routing (every expert runs)
+    probs: torch.Tensor  # [..., E] normalised gate distribution (entropy, load balance)
+    threshold: torch.Tensor | None  # [..., 1] Γ or τ, when the selection has one
+
+
+class SwiGLUGate(nn.Module):
+    """z = W2(SiLU(W1 x + b1) * (W3 x + b3)) + b2 with zero-initialised biases (spec B.1, swi_x > 0)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(in_features, hidden, bias=bias)
+        self.w3 = nn.Linear(in_features, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, out_features, bias=bias)
+        if bias:
+            for lin in (self.w1, self.w3, self.w2):
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Router(nn.Module):
+    """Gates for ``num_experts`` experts from an input of width ``in_features``."""
+
+    def __init__(self, in_features: int, num_experts: int, cfg: RouterConfig, state=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self._state = state  # shared MoAState (python object, not a module)
+        if cfg.kind == "linear":
+            self.net = nn.Linear(in_features, num_experts, bias=cfg.bias)
+        elif cfg.kind == "swiglu":
+            self.net = SwiGLUGate(in_features, cfg.hidden_mult * num_experts, num_experts, cfg.bias)
+        else:
+            self.net = None
+        learned = (cfg.selection == "threshold" and not cfg.const_threshold) or cfg.selection == "adamole"
+        self.threshold = nn.Linear(in_features, 1) if learned else None
+        self.telemetry = RouterTelemetry(num_experts)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """x: [..., in]; mask: [...] real-token weights (padding 0) for statistics and aux losses."""
+        cfg, num = self.cfg, self.num_experts
+        if self.net is None:  # naive composition: every expert at full weight
+            ones = x.new_ones(*x.shape[:-1], num)
+            out = RouterOutput(ones, None, ones / num, None)
+            self.record(out, mask)
+            return out
+        x = x.to(self._param_dtype())
+        logits = self.net(x)
+        if cfg.activation == "sigmoid":
+            gates = torch.sigmoid(logits)
+            probs = gates / gates.sum(-1, keepdim=True)
+        else:
+            probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+            gates = probs * num if cfg.activation == "scaled_softmax" else probs
+
+        threshold = None
+        if cfg.selection == "dense":
+            weights, keep = gates, None
+        elif cfg.selection == "threshold":
+            if self.threshold is None:
+                threshold = gates.new_full((*gates.shape[:-1], 1), cfg.max_threshold)
+            else:
+                threshold = cfg.max_threshold * torch.sigmoid(self.threshold(x))
+            weights, keep = selection.learned_threshold(gates, threshold, cfg.threshold_grad)
+        elif cfg.selection == "topk":
+            weights, keep = selection.top_k(probs, cfg.top_k)
+        elif cfg.selection == "topp":
+            weights, keep = selection.top_p(probs, cfg.top_p)
+        else:  # adamole: τ = (1/E) σ(w·x + b)
+            threshold = torch.sigmoid(self.threshold(x)) / num
+            weights, keep = selection.adamole(probs, threshold)
+
+        out = RouterOutput(weights, keep, probs, threshold)
+        self._aux(logits, out, mask)
+        self.record(out, mask)
+        return out
+
+    def record(self, out: RouterOutput, mask: torch.Tensor | None) -> None:
+        state = self._state
+        if state is not None and state.collect_stats and not in_backward():
+            self.telemetry.update(out.weights, out.keep, out.probs, out.threshold, mask)
+        if state is not None and state.capture is not None and not in_backward():
+            state.capture.append(out.weights.detach())
+
+    def _aux(self, logits: torch.Tensor, out: RouterOutput, mask: torch.Tensor | None) -> None:
+        """Aux losses only when a coefficient asks for them and gradients are on (training)."""
+        cfg, state = self.cfg, self._state
+        if state is None or not torch.is_grad_enabled() or in_backward():
+            return
+        num = self.num_experts
+        flat_mask = None if mask is None else mask.reshape(-1).to(logits.dtype)
+        if flat_mask is not None and flat_mask.numel() != logits.reshape(-1, num).shape[0]:
+            flat_mask = None  # instance-level routers pool the mask away
+        if cfg.load_balance_coef:
+            keep = out.keep if out.keep is not None else torch.ones_like(out.probs, dtype=torch.bool)
+            loss = aux_losses.load_balance(out.probs.reshape(-1, num), keep.reshape(-1, num), flat_mask)
+            state.add_aux("load_balance", loss, cfg.load_balance_coef)
+        if cfg.z_loss_coef:
+            state.add_aux("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef)
+        if cfg.entropy_coef:
+            state.add_aux("entropy", aux_losses.entropy(out.probs.reshape(-1, num), flat_mask), cfg.entropy_coef)
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype
