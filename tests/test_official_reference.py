@@ -38,7 +38,12 @@ def _load(variant: str, attn: str = "eager"):
         )
     )
     base.load_state_dict(load_file(str(folder / "base_hf.safetensors")), strict=True)
-    return meta, base.eval(), load_file(str(folder / "adapters.safetensors")), load_file(str(folder / "io.safetensors"))
+    return (
+        meta,
+        base.eval(),
+        load_file(str(folder / "adapters.safetensors")),
+        load_file(str(folder / "io.safetensors")),
+    )
 
 
 def _official_to_moa(adapters: dict[str, torch.Tensor], meta: dict) -> dict[str, torch.Tensor]:
@@ -59,8 +64,14 @@ def _official_to_moa(adapters: dict[str, torch.Tensor], meta: dict) -> dict[str,
             )
         elif module == "router":
             if swiglu:
-                lin, kind = {"w1": ("w1", "weight"), "b1": ("w1", "bias"), "w3": ("w3", "weight"),
-                             "b3": ("w3", "bias"), "w2": ("w2", "weight"), "b2": ("w2", "bias")}[field]
+                lin, kind = {
+                    "w1": ("w1", "weight"),
+                    "b1": ("w1", "bias"),
+                    "w3": ("w3", "weight"),
+                    "b3": ("w3", "bias"),
+                    "w2": ("w2", "weight"),
+                    "b2": ("w2", "bias"),
+                }[field]
                 out[f"{prefix}.router.net.{lin}.{kind}"] = tensor
             else:
                 out[f"{prefix}.router.net.{'weight' if field == 'w' else 'bias'}"] = tensor

@@ -13,7 +13,9 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = 2, dtype=torch.float32):
+def tiny_model(
+    family: str = "llama", attn: str = "sdpa", seed: int = 0, layers: int = 2, dtype=torch.float32
+):
     """A deterministic random causal LM: hidden 64, 4 heads / 2 kv heads, FFN 128, vocab 128."""
     config = AutoConfig.for_model(
         vocab_size=128,

@@ -151,13 +151,17 @@ class MoAConfig:
         for name in ("lora_layers", "pa_layers", "prompt_layers"):
             parse_layers(getattr(self, name), None, name)  # syntax check now; range check at injection
         if not self.expert_types():
-            raise MoATrainError("the config enables no expert: set lora_targets, pa_size > 0 or prompt_len > 0")
+            raise MoATrainError(
+                "the config enables no expert: set lora_targets, pa_size > 0 or prompt_len > 0"
+            )
         n_block = self.max_block_experts()
         if self.router.kind != "none" and self.router.selection == "topk" and self.router.top_k > n_block:
             raise MoATrainError(f"router.top_k={self.router.top_k} exceeds the {n_block} experts of a block")
         n_site = max(self.lora_experts, self.pa_experts, self.prompt_experts)
         if n_site > 1 and self.site_router.selection == "topk" and self.site_router.top_k > n_site:
-            raise MoATrainError(f"site_router.top_k={self.site_router.top_k} exceeds the {n_site} experts of a site")
+            raise MoATrainError(
+                f"site_router.top_k={self.site_router.top_k} exceeds the {n_site} experts of a site"
+            )
         if self.site_router.granularity != "token" or self.site_router.groups != "expert":
             raise MoATrainError("site_router supports granularity=token and groups=expert only")
 
@@ -190,8 +194,10 @@ def _known(data: dict[str, Any], cls: type, where: str) -> dict[str, Any]:
     unknown = sorted(set(data) - names)
     if unknown:
         raise MoATrainError(f"unknown {where} option(s) {unknown}; valid options: {', '.join(sorted(names))}")
-    return {k: (dict(v) if hasattr(v, "items") else list(v) if isinstance(v, (list, tuple)) else v)
-            for k, v in data.items()}
+    return {
+        k: (dict(v) if hasattr(v, "items") else list(v) if isinstance(v, (list, tuple)) else v)
+        for k, v in data.items()
+    }
 
 
 def parse_layers(spec: Any, num_layers: int | None, name: str = "layers") -> list[int] | None:
@@ -207,17 +213,23 @@ def parse_layers(spec: Any, num_layers: int | None, name: str = "layers") -> lis
             return [] if num_layers is not None else None
         parts = text.split("-")
         if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
-            raise MoATrainError(f"{name}={spec!r} is not a layer span; use 'all', 'none', 'a-b' or a list of indices")
+            raise MoATrainError(
+                f"{name}={spec!r} is not a layer span; use 'all', 'none', 'a-b' or a list of indices"
+            )
         lo, hi = int(parts[0]), int(parts[1])
         indices = list(range(lo, hi))
     else:
         try:
             indices = [int(i) for i in spec]
         except (TypeError, ValueError):
-            raise MoATrainError(f"{name}={spec!r} is not a layer span; use 'all', 'none', 'a-b' or a list") from None
+            raise MoATrainError(
+                f"{name}={spec!r} is not a layer span; use 'all', 'none', 'a-b' or a list"
+            ) from None
     if num_layers is None:
         return None
     bad = [i for i in indices if not 0 <= i < num_layers]
     if bad:
-        raise MoATrainError(f"{name}={spec!r} names layers {bad} but the model has {num_layers} layers (0-{num_layers - 1})")
+        raise MoATrainError(
+            f"{name}={spec!r} names layers {bad} but the model has {num_layers} layers (0-{num_layers - 1})"
+        )
     return sorted(set(indices))

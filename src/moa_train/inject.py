@@ -60,7 +60,9 @@ def _moa_attention(module, query, key, value, attention_mask, **kwargs):
     """The model's own attention, plus the gated prompt expert of this layer (when it has one)."""
     moa_layer: MoALayer | None = module.__dict__.get("_moa_layer")
     implementation = module.config._attn_implementation.removeprefix(ATTN_PREFIX)
-    out, weights = _model_attention(module, implementation)(module, query, key, value, attention_mask, **kwargs)
+    out, weights = _model_attention(module, implementation)(
+        module, query, key, value, attention_mask, **kwargs
+    )
     if moa_layer is not None and moa_layer._state.enabled:
         out = out + moa_layer.prompt_delta(module, query).to(out.dtype)
     return out, weights
@@ -96,7 +98,9 @@ def inject(model: nn.Module, cfg: MoAConfig, state: MoAState) -> tuple[list[MoAL
     handles: list = []
     moa_layers: list[MoALayer | None] = []
     for index, layer in enumerate(layers):
-        sites = {s: _site_module(layer, cfg, s, index) for s in cfg.lora_targets} if index in lora_layers else {}
+        sites = (
+            {s: _site_module(layer, cfg, s, index) for s in cfg.lora_targets} if index in lora_layers else {}
+        )
         use_pa, use_prompt = index in pa_layers, index in prompt_layers
         if not (sites or use_pa or use_prompt):
             moa_layers.append(None)
@@ -163,7 +167,9 @@ def _model_hook(state: MoAState, moa_layers: list[MoALayer | None]):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -length:].to(torch.float32)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
-        state.is_prefill = cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+        state.is_prefill = (
+            cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
+        )
         state.token_mask = token_mask
         # Instance routers average over the prompt: labels of -100 mark it during training (fixes spec G.12).
         instance = state.explicit_instance_mask

@@ -135,7 +135,9 @@ class MoAModel(nn.Module):
             "active_frac": spread(stats["active_frac"]),
             "active_per_token": stats["active_per_token"].tolist(),
             "entropy": stats["entropy"].tolist(),
-            "mean_threshold": stats["mean_threshold"].tolist() if bool(stats["has_threshold"].any()) else None,
+            "mean_threshold": stats["mean_threshold"].tolist()
+            if bool(stats["has_threshold"].any())
+            else None,
         }
         if reset:
             self.reset_router_stats()
@@ -205,15 +207,25 @@ class MoAModel(nn.Module):
         path = Path(save_directory)
         path.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().contiguous().cpu() for n, p in self.adapter_state_dict().items()}
-        config = {"format_version": FORMAT_VERSION, "moa_config": self.moa_config.to_dict(), **(extra_config or {})}
-        _atomic_write(path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"}))
-        _atomic_write(path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str)))
+        config = {
+            "format_version": FORMAT_VERSION,
+            "moa_config": self.moa_config.to_dict(),
+            **(extra_config or {}),
+        }
+        _atomic_write(
+            path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
+        )
+        _atomic_write(
+            path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str))
+        )
 
     @staticmethod
     def read_config(directory: str | os.PathLike) -> dict[str, Any]:
         path = Path(directory) / CONFIG_NAME
         if not path.is_file():
-            raise MoATrainError(f"no {CONFIG_NAME} in {directory}; pass a directory written by save_pretrained")
+            raise MoATrainError(
+                f"no {CONFIG_NAME} in {directory}; pass a directory written by save_pretrained"
+            )
         try:
             return json.loads(path.read_text())
         except json.JSONDecodeError as exc:
@@ -224,7 +236,9 @@ class MoAModel(nn.Module):
         """Attach the saved experts to a fresh ``base_model`` and load their weights."""
         data = cls.read_config(directory)
         if "moa_config" not in data:
-            raise MoATrainError(f"{Path(directory) / CONFIG_NAME} has no 'moa_config'; it is not a moa_train adapter")
+            raise MoATrainError(
+                f"{Path(directory) / CONFIG_NAME} has no 'moa_config'; it is not a moa_train adapter"
+            )
         model = cls(base_model, MoAConfig.from_dict(data["moa_config"]))
         weights_path = Path(directory) / WEIGHTS_NAME
         if not weights_path.is_file():

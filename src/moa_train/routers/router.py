@@ -117,7 +117,9 @@ class Router(nn.Module):
         if cfg.z_loss_coef:
             state.add_aux("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef)
         if cfg.entropy_coef:
-            state.add_aux("entropy", aux_losses.entropy(out.probs.reshape(-1, num), flat_mask), cfg.entropy_coef)
+            state.add_aux(
+                "entropy", aux_losses.entropy(out.probs.reshape(-1, num), flat_mask), cfg.entropy_coef
+            )
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
