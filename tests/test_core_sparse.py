@@ -92,3 +92,10 @@ def test_forward_values_of_ste_equal_none() -> None:
         with torch.no_grad():
             logits[grad] = model(IDS).logits
     torch.testing.assert_close(logits["none"], logits["ste"])
+
+
+def test_sparse_models_declare_conditional_parameters_for_ddp() -> None:
+    assert get_moa_model(tiny_model(), sparse_config()).has_conditional_parameters()
+    assert not get_moa_model(tiny_model(), MoAConfig()).has_conditional_parameters()
+    topk_sites = MoAConfig(lora_experts=4, site_router=RouterConfig(activation="softmax", selection="topk"))
+    assert get_moa_model(tiny_model(), topk_sites).has_conditional_parameters()

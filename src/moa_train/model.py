@@ -193,6 +193,15 @@ class MoAModel(nn.Module):
             f"trainable%: {100 * trainable / max(total, 1):.4f} ({parts})"
         )
 
+    def has_conditional_parameters(self) -> bool:
+        """True when some adapter parameters can get no gradient in a step: sparse routing skips experts,
+        and with threshold_grad=none the learned threshold never gets one (spec G.1). Multi-process
+        training (DDP) then needs ``find_unused_parameters=True``."""
+        routers = [self.moa_config.router]
+        if max(self.moa_config.lora_experts, self.moa_config.pa_experts, self.moa_config.prompt_experts) > 1:
+            routers.append(self.moa_config.site_router)
+        return any(r.kind != "none" and r.selection != "dense" for r in routers)
+
     def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
         # Non-reentrant: gates are computed outside the checkpointed layer body and must get gradients.
         kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
