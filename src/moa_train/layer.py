@@ -40,10 +40,15 @@ class MoAState:
     def use_gather(self, x: torch.Tensor) -> bool:
         """Sparse experts: gather the selected rows, or multiply by a zeroed gate (dense masked).
 
-        auto: gather on CPU (saves the skipped FLOPs), dense on accelerators (no nonzero() host sync).
+        auto = dense masked on every device. On accelerators it avoids the nonzero() host sync; on CPU it
+        was measured faster too (moa-bench, SmolLM2-135M, batch 8 x 128, docs/benchmarks.md): LoRA r8 /
+        PA16 experts are skinny, memory-bound GEMMs, so gathering the kept rows and scattering the
+        result back moves more memory than the skipped FLOPs save (Sparse MoA: gather ~1.3x the step
+        time of dense; Top-2 MoE-LoRA: ~2.5x), even with ~1/3 of (token, expert) pairs dropped.
+        ``sparse_impl="gather"`` still runs each expert only on its tokens (spec B.2).
         """
         if self.sparse_impl == "auto":
-            return x.device.type == "cpu"
+            return False
         return self.sparse_impl == "gather"
 
 
@@ -158,27 +163,37 @@ class MoALayer(nn.Module):
 
     # -- step 2: gate x expert at each site -------------------------------------------------------
     def delta(self, slot: str, x: torch.Tensor, expert: nn.Module) -> torch.Tensor:
-        """The gated additive contribution of ``expert`` at ``slot`` for site input x [B, T, in]."""
+        """The gated additive contribution of ``expert`` at ``slot`` for site input x [B, T, in].
+
+        Experts with a ``delta(x, gate)`` method (LoRA, PA) apply the gate on their low-rank hidden
+        (cheaper than on the [B, T, out] output; see LoRAExperts.delta); any other module is gated here.
+        """
         if self.weights is None:
             return expert(x)
         i = self.slot_index[slot]
         gate = self.weights[..., i]
+        gated = getattr(expert, "delta", None)
         if self.keep is not None and self._state.use_gather(x):
             keep = self.keep[..., i].expand(x.shape[:-1])
             rows = gather_rows(keep)
             flat = x.reshape(-1, x.shape[-1])
-            gate = gate.expand(x.shape[:-1]).reshape(-1)
-            selected = expert(flat[rows])
-            selected = selected * gate[rows, None].to(selected.dtype)
+            gate = gate.expand(x.shape[:-1]).reshape(-1)[rows]
+            if gated is not None:
+                selected = gated(flat[rows], gate)
+            else:
+                selected = expert(flat[rows])
+                selected = selected * gate[:, None].to(selected.dtype)
             out = selected.new_zeros(flat.shape[0], selected.shape[-1]).index_add_(0, rows, selected)
             return out.reshape(*x.shape[:-1], -1)
+        if gated is not None:
+            return gated(x, gate)
         out = expert(x)
         return out * gate.unsqueeze(-1).to(out.dtype)
 
     def prompt_delta(self, attn: nn.Module, query: torch.Tensor) -> torch.Tensor:
-        """Gated prompt-attention output [B, T, heads, head_dim] (always dense: spec B.2)."""
-        out = self.prompt(attn, query, self._attn_input)
-        if self.weights is None:
-            return out
-        gate = self.weights[..., self.slot_index["prompt"]]
-        return out * gate[..., None, None].to(out.dtype)
+        """Gated prompt-attention output [B, T, heads, head_dim] (always dense: spec B.2).
+
+        The gate is folded into the prompt's attention probabilities (see PromptExpert.forward).
+        """
+        gate = None if self.weights is None else self.weights[..., self.slot_index["prompt"]]
+        return self.prompt(attn, query, self._attn_input, gate)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
-from moa_train.experts.mixing import gather_rows, weight_hidden
+from moa_train.experts.mixing import autocasting, gather_rows, weight_hidden
 from moa_train.routers import Router
 
 
@@ -44,23 +44,50 @@ class LoRAExperts(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = Router(in_features, num_experts, router_cfg, state) if num_experts > 1 else None
 
+    def _input(self, x: torch.Tensor) -> torch.Tensor:
+        """The adapter's input: dropout(x) in the adapter dtype.
+
+        Perf: under autocast F.linear casts x to the autocast dtype anyway, so the fp32 upcast of a bf16
+        activation (a full-size copy forward and one backward, plus autocast's copy back) is skipped:
+        same values, as bf16 -> fp32 -> bf16 is lossless. Kept when dropout is on (it runs in fp32).
+        """
+        if isinstance(self.dropout, nn.Identity) and autocasting(x):
+            return x
+        return self.dropout(x.to(self.A.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.dropout(x.to(self.A.dtype))
+        return self.delta(x)
+
+    def delta(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+        """``gate * delta(x)`` [..., out] for a per-token gate [...] (None: ungated).
+
+        Perf: the gate, the routing weights and alpha/r multiply the rank-r hidden, not the [tokens, out]
+        output: the same product on out/r times fewer elements, forward and backward (the gate's gradient
+        becomes a sum over r instead of over out).
+        """
+        x = self._input(x)
         if self.router is None:
-            out = F.linear(F.linear(x, self.A), self.B)
-            return out if self.scale == 1.0 else out * self.scale
+            hidden = F.linear(x, self.A)
+            if gate is not None:
+                gate = gate.unsqueeze(-1).to(hidden.dtype)
+                hidden = hidden * (gate if self.scale == 1.0 else gate * self.scale)
+            elif self.scale != 1.0:
+                hidden = hidden * self.scale
+            return F.linear(hidden, self.B)
         mask = None if self._state is None else self._state.token_mask
         route = self.router(x, mask)
+        weights = route.weights if gate is None else route.weights * gate.unsqueeze(-1).to(route.weights.dtype)
         if route.keep is not None and self._state is not None and self._state.use_gather(x):
-            return self._sparse(x, route.weights, route.keep)
-        hidden = weight_hidden(F.linear(x, self.A), route.weights.to(x.dtype), self.rank, self.shared_a)
-        return F.linear(hidden, self.B) * self.scale
+            return self._sparse(x, weights, route.keep)
+        hidden = F.linear(x, self.A)
+        weights = (weights if self.scale == 1.0 else weights * self.scale).to(hidden.dtype)
+        return F.linear(weight_hidden(hidden, weights, self.rank, self.shared_a), self.B)
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Run each expert only on the tokens that selected it (Top-K / AdaMoLE sparse execution)."""
         flat = x.reshape(-1, x.shape[-1])
-        w = weights.reshape(-1, self.num_experts).to(x.dtype)
-        out = flat.new_zeros(flat.shape[0], self.B.shape[0])
+        w = weights.reshape(-1, self.num_experts).to(self.A.dtype)  # accumulate in the adapter dtype
+        out = flat.new_zeros(flat.shape[0], self.B.shape[0], dtype=self.A.dtype)
         r = self.rank
         for e in range(self.num_experts):
             rows = gather_rows(keep[..., e])
@@ -68,3 +95,4 @@ class LoRAExperts(nn.Module):
             delta = F.linear(F.linear(flat[rows], a), self.B[:, e * r : (e + 1) * r])
             out.index_add_(0, rows, delta * (w[rows, e : e + 1] * self.scale))
         return out.reshape(*x.shape[:-1], -1)
+

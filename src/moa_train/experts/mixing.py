@@ -21,3 +21,9 @@ def weight_hidden(hidden: torch.Tensor, weights: torch.Tensor, width: int, share
 def gather_rows(keep: torch.Tensor) -> torch.Tensor:
     """Indices of the rows (flattened tokens) where ``keep`` [...] is True."""
     return keep.reshape(-1).nonzero().squeeze(1)
+
+
+def autocasting(t: torch.Tensor) -> bool:
+    """True when autocast is on for ``t``'s device: F.linear will cast its inputs to the autocast dtype."""
+    return torch.is_autocast_enabled(t.device.type)
+

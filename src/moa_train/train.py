@@ -1,0 +1,701 @@
+"""The training recipe: setup -> train -> save (-> evaluate), in plain PyTorch + Accelerate.
+
+    run(cfg)                 the Hydra job (moa-train): settle the config, dry run or dispatch
+    train(cfg, run_dir)      one process of training; all ranks run it under launcher=accelerate
+
+Read ``train`` top to bottom: it is the whole recipe (method spec D). Design choices:
+- Batches are planned on the host from ``data.seed`` (``epoch_order``), independent of the init
+  ``seed``: global step k of an epoch takes examples [k*B, (k+1)*B) of that epoch's order, and
+  micro-batch j of rank r takes its slice. The plan depends only on (epoch, k), so a resumed run
+  skips straight to its position and a 2-process run sees the same global batches as 1 process.
+- The loss of a step is the sum of token cross-entropies over the whole global batch divided by
+  its number of target tokens (counted on the host beforehand), so gradient accumulation and data
+  parallelism give the same gradient as one big batch.
+- Nothing reads a device value back every step; losses accumulate on device and are read, with
+  the router statistics, every ``trainer.log_every_steps``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+
+from moa_train.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from moa_train.errors import MoATrainError
+
+log = logging.getLogger(__name__)
+
+PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+SCHEDULES = ("cosine", "constant", "linear")
+RESUME_GROUPS = ("logger", "launcher")  # groups a resumed run may switch; others would change the run
+
+
+# ====================================================================================================
+# The Hydra job
+# ====================================================================================================
+
+
+def run(cfg: DictConfig) -> dict[str, Any]:
+    """Body of ``moa-train``: resolve ``resume``, then dry-run, train here, or launch workers."""
+    from hydra.core.hydra_config import HydraConfig
+
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    if cfg.get("resume"):
+        hydra_cfg = HydraConfig.get()
+        cfg = resumed_config(cfg, list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
+    if cfg.dry_run:  # the summary too, so that `-m dry_run=true experts=a,b` tabulates parameter counts
+        summary = dry_run(cfg)
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        return summary
+    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what the workers and resume read
+    if cfg.launcher.name == "accelerate":
+        from moa_train.launch import launch_workers
+
+        launch_workers(cfg, run_dir)
+        return read_summary(run_dir)
+    if cfg.launcher.name != "local":
+        raise MoATrainError(f"launcher={cfg.launcher.name!r} is not known; choose one of local, accelerate")
+    return train(cfg, run_dir)
+
+
+def resumed_config(cfg: DictConfig, overrides: list[str], groups: set[str]) -> DictConfig:
+    """A resumed run keeps its saved config; dotted command-line values (e.g. trainer.max_steps=500)
+    and a different logger or launcher apply on top. Other group changes would make it another run."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    target = resolve_resume(cfg.resume)
+    if target.checkpoint is None:
+        raise MoATrainError(
+            f"resume={cfg.resume}: the run has no complete checkpoint yet; start it again without resume"
+        )
+    saved = OmegaConf.load(target.run_dir / "config.yaml")
+    for override in OverridesParser.create().parse_overrides(overrides):
+        key = override.key_or_group
+        if key == "resume" or key.startswith("hydra"):
+            continue
+        if key in RESUME_GROUPS:
+            saved[key] = cfg[key]
+        elif key in groups:
+            raise MoATrainError(
+                f"resume keeps the run's config, so '{override.input_line}' cannot switch the {key} group; "
+                "set single values instead (e.g. trainer.max_steps=500)"
+            )
+        else:
+            OmegaConf.update(saved, key, override.value(), force_add=True)
+    saved.resume = str(target.checkpoint)
+    return saved
+
+
+def dry_run(cfg: DictConfig) -> dict[str, Any]:
+    """Build the model (``*_arch`` models on the meta device), print the trainable parameters, exit."""
+    from moa_train import MoAConfig, get_moa_model
+    from moa_train.base_models import load_base_model
+
+    torch.manual_seed(int(cfg.seed))
+    base, _ = load_base_model(cfg.model)
+    model = get_moa_model(base, MoAConfig.from_dict(_plain(cfg.moa)))
+    by_type = model.num_trainable_parameters(by_type=True)
+    total = by_type.pop("total")
+    print(f"trainable_params={total}")
+    for kind, count in sorted(by_type.items()):
+        print(f"  {kind}={count}")
+    sys.stdout.flush()
+    return {"status": "dry_run", "trainable_params": total, **{f"params_{k}": v for k, v in by_type.items()}}
+
+
+# ====================================================================================================
+# The recipe (one process)
+# ====================================================================================================
+
+
+def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[str, Any]:
+    """Train with ``cfg`` into ``run_dir`` as one process of ``expected_world_size``."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
+
+    from moa_train import MoAConfig, get_moa_model
+    from moa_train.base_models import load_base_model
+    from moa_train.logging import make_logger
+
+    tc = cfg.trainer
+    # ---- processes, logs, seeds ---------------------------------------------------------------
+    use_cpu = str(tc.get("device", "auto")) == "cpu" or not torch.cuda.is_available()
+    processes = PartialState(cpu=use_cpu)
+    world, rank, main = processes.num_processes, processes.process_index, processes.is_main_process
+    if world != expected_world_size:  # e.g. `accelerate launch --cpu` silently gives N lone processes
+        raise RuntimeError(f"expected a process group of {expected_world_size}, got world size {world}")
+    if expected_world_size > 1:
+        _worker_logging(run_dir, main)
+    set_seed(int(cfg.seed) + rank)  # the init seed; the data order has its own seed (data.seed)
+
+    # ---- model: frozen base in the compute dtype, fp32 adapters ---------------------------------
+    precision = str(tc.precision)
+    if precision not in PRECISIONS:
+        raise MoATrainError(f"trainer.precision={precision!r} is not known; choose one of bf16, fp16, fp32")
+    base, tokenizer = load_base_model(cfg.model)
+    base.to(device=processes.device, dtype=PRECISIONS[precision])
+    model = get_moa_model(base, MoAConfig.from_dict(_plain(cfg.moa)))
+    if tc.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    log.info("trainable parameters: %s", model.num_trainable_parameters(by_type=True))
+    find_unused = cfg.launcher.get("find_unused_parameters")
+    if find_unused is None:  # sparse routing leaves some adapters without gradient in a step
+        find_unused = model.has_conditional_parameters()
+    accelerator = Accelerator(
+        cpu=use_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))]
+    )
+
+    # ---- data: encoded once, batches planned per epoch from data.seed ------------------------------
+    plan = BatchPlan(cfg, tokenizer, world, rank)
+
+    # ---- optimizer, schedule, loss scaling --------------------------------------------------------
+    lr = learning_rate(cfg.optimizer, plan.global_batch)
+    total_steps = plan.total_steps(tc)
+    optimizer = build_optimizer(model, cfg.optimizer, lr)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, LRSchedule.from_config(cfg.scheduler, lr, total_steps, plan.steps_per_epoch)
+    )
+    scaler = torch.amp.GradScaler(accelerator.device.type) if precision == "fp16" else None
+    autocast = torch.autocast(
+        accelerator.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"
+    )
+    ddp_model = accelerator.prepare_model(model)  # DDP across processes; the model itself for one
+
+    # ---- resume --------------------------------------------------------------------------------
+    state = TrainState(world_size=world)
+    if cfg.get("resume"):
+        state = load_checkpoint(
+            Path(cfg.resume), accelerator=accelerator, model=model, optimizer=optimizer,
+            scheduler=scheduler, scaler=scaler,
+        )  # fmt: skip
+        log.info("resumed from %s at step %d (epoch %d)", cfg.resume, state.step, state.epoch)
+
+    logger = None
+    if main:
+        config = OmegaConf.to_container(cfg, resolve=True)
+        logger = make_logger(cfg.logger, run_dir, config, resume_id=state.wandb_id)
+        state.wandb_id = getattr(logger.backend, "id", None) or state.wandb_id
+    telemetry = Telemetry(cfg, run_dir, logger)
+    model_node = OmegaConf.to_container(cfg.model, resolve=True)
+    progress = _progress_bar(main and bool(tc.get("progress_bar", True)), total_steps, state.step)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+
+    # ---- train -----------------------------------------------------------------------------------
+    log.info(
+        "training %d steps: global batch %d = %d micro x %d accumulation x %d processes, lr %.3g",
+        total_steps, plan.global_batch, plan.micro_batch, plan.accumulation, world, lr,
+    )  # fmt: skip
+    model.reset_router_stats()
+    meter = Meter(accelerator.device)
+    started = time.perf_counter()
+    while state.step < total_steps:
+        for k in range(state.step_in_epoch, plan.steps_in_epoch(state.epoch)):
+            step_batch = plan.step(state.epoch, k)
+            lr_now = scheduler.get_last_lr()[0]
+            for j, micro in enumerate(step_batch.micro_batches):
+                last = j == len(step_batch.micro_batches) - 1
+                # DDP all-reduces gradients only on the last micro-batch of the step
+                with contextlib.nullcontext() if last else accelerator.no_sync(ddp_model):
+                    batch = {key: t.to(accelerator.device) for key, t in micro.items()}
+                    with autocast:
+                        out = ddp_model(
+                            input_ids=batch["input_ids"],
+                            attention_mask=batch["attention_mask"],
+                            instance_mask=(batch["labels"] == -100) & batch["attention_mask"].bool(),
+                        )
+                    ce = token_cross_entropy(out.logits, batch["labels"])  # summed over tokens, fp32
+                    aux = model.aux_loss()  # coefficient-weighted router losses of this forward
+                    # sum over micro-batches (+ DDP mean over ranks) of this = mean CE over the global batch
+                    loss = ce * (world / step_batch.target_tokens) + aux / len(step_batch.micro_batches)
+                    (scaler.scale(loss) if scaler else loss).backward()
+                meter.add(ce, aux, model.aux_losses())
+            if scaler:
+                scaler.unscale_(optimizer)
+            logging_now = (state.step + 1) % int(tc.log_every_steps) == 0 or state.step + 1 == total_steps
+            grad_norm = None
+            if tc.grad_clip:
+                grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(tc.grad_clip))
+            elif logging_now:
+                grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+
+            state.step, state.step_in_epoch = state.step + 1, k + 1
+            state.tokens_seen += step_batch.tokens
+            meter.tokens += step_batch.tokens
+            meter.targets += step_batch.target_tokens
+            progress.update(1)
+
+            if logging_now:
+                metrics = meter.read(accelerator, lr_now, grad_norm)
+                metrics["train/epoch"] = state.epoch + state.step_in_epoch / plan.steps_in_epoch(state.epoch)
+                metrics.update(telemetry.router(model, state.step))
+                if logger:
+                    logger.log(metrics, state.step)
+                progress.set_postfix(
+                    loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}"
+                )
+            if tc.save_every_steps and state.step % int(tc.save_every_steps) == 0:
+                state.train_seconds += time.perf_counter() - started
+                started = time.perf_counter()
+                save_checkpoint(
+                    run_dir / "checkpoints" / f"step-{state.step}", accelerator=accelerator, model=model,
+                    optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state,
+                    extra_config={"model": model_node}, keep_last=tc.get("keep_last"),
+                )  # fmt: skip
+            if state.step >= total_steps:
+                break
+        else:  # the epoch ran out: the next one has a new order
+            state.epoch, state.step_in_epoch = state.epoch + 1, 0
+    progress.close()
+    state.train_seconds += time.perf_counter() - started
+
+    # ---- save ------------------------------------------------------------------------------------
+    digests = gather_object([parameter_digest(trainable)])
+    if len(set(digests)) != 1:  # DDP must have kept every rank's adapters identical
+        raise RuntimeError(f"trainable parameters differ across ranks: {digests}")
+    state.extra["param_sha256_by_rank"] = digests
+    save_checkpoint(
+        run_dir / "final", accelerator=accelerator, model=model, optimizer=optimizer,
+        scheduler=scheduler, scaler=scaler, state=state, extra_config={"model": model_node},
+    )  # fmt: skip
+    summary = {
+        "status": "completed",
+        "step": state.step,
+        "epoch": state.epoch,
+        "train/loss": meter.last_loss,
+        "train/tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
+        "train_seconds": round(state.train_seconds, 1),
+        "trainable_params": model.num_trainable_parameters(),
+        "world_size": world,
+        "peak_memory_mb": peak_memory_mb(accelerator.device),
+    }
+
+    # ---- evaluate (main process), then tear down cleanly ----------------------------------------
+    if cfg.final_eval.enabled and main:
+        records = plan.splits.get(str(cfg.final_eval.split), [])
+        summary.update(final_evaluation(cfg, model, tokenizer, records, autocast, run_dir))
+        logger.log({f"eval/{k}": v for k, v in summary.items() if k.endswith("accuracy")}, state.step)
+    if main:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        logger.close()
+    # Free the DDP wrapper and optimizer before the group goes: torch 2.13 + gloo otherwise
+    # sometimes aborts a rank at exit ("terminate called without an active exception").
+    del ddp_model, optimizer, scheduler, trainable, model, base
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    _reset_accelerate_state()
+    return summary
+
+
+# ====================================================================================================
+# Data: which examples go into which micro-batch
+# ====================================================================================================
+
+
+class StepBatch:
+    """The micro-batches this process runs for one optimizer step, with global token counts."""
+
+    def __init__(self, micro_batches: list[dict[str, torch.Tensor]], tokens: int, target_tokens: int):
+        self.micro_batches = micro_batches
+        self.tokens = tokens  # non-padding input tokens in the global batch (all processes)
+        self.target_tokens = target_tokens  # tokens with a label in the global batch (all processes)
+
+
+class BatchPlan:
+    """Encodes the training split once and lays out global batches per epoch (host only)."""
+
+    def __init__(self, cfg: DictConfig, tokenizer: Any, world: int, rank: int) -> None:
+        from moa_train.data import TrainCollator, encode_dataset, load_splits
+
+        tc, dc = cfg.trainer, cfg.data
+        splits = self.splits = load_splits(dc)
+        self.examples, stats = encode_dataset(
+            splits["train"], tokenizer, int(dc.max_len), bool(dc.get("train_on_inputs", False))
+        )
+        log.info("training examples: %s", stats)
+        self.lengths = [len(e["input_ids"]) for e in self.examples]
+        # labels are compared with the next token: position 0 never has a target
+        self.targets = [sum(1 for t in e["labels"][1:] if t != -100) for e in self.examples]
+        self.collate = TrainCollator(tokenizer.pad_token_id)
+        self.data_seed = int(dc.get("seed", 0))
+        self.group_by_length = bool(dc.get("group_by_length", False))
+        self.world, self.rank = world, rank
+        self.micro_batch = int(tc.micro_batch_size)
+        self.global_batch = int(tc.effective_batch_size)
+        if self.global_batch % (self.micro_batch * world):
+            raise MoATrainError(
+                f"trainer.effective_batch_size={self.global_batch} must be a multiple of "
+                f"micro_batch_size x processes = {self.micro_batch} x {world}"
+            )
+        self.accumulation = self.global_batch // (self.micro_batch * world)
+        self.steps_per_epoch = len(self.examples) // self.global_batch  # drop_last
+        if self.steps_per_epoch == 0:
+            raise MoATrainError(
+                f"trainer.effective_batch_size={self.global_batch} exceeds the {len(self.examples)} "
+                "training examples; lower it"
+            )
+        self._order: tuple[int, list[int]] | None = None
+
+    def total_steps(self, tc: DictConfig) -> int:
+        if tc.get("max_steps"):
+            return int(tc.max_steps)
+        return int(math.ceil(float(tc.epochs) * self.steps_per_epoch))
+
+    def steps_in_epoch(self, epoch: int) -> int:
+        return self.steps_per_epoch
+
+    def order(self, epoch: int) -> list[int]:
+        """This epoch's example order: a permutation from (data.seed, epoch), optionally length-grouped."""
+        if self._order is None or self._order[0] != epoch:
+            from moa_train.data import epoch_order, length_grouped_order
+
+            if self.group_by_length:
+                order = length_grouped_order(self.lengths, self.global_batch, self.data_seed, epoch)
+            else:
+                order = epoch_order(len(self.examples), self.data_seed, epoch)
+            self._order = (epoch, order)
+        return self._order[1]
+
+    def step(self, epoch: int, k: int) -> StepBatch:
+        chunk = self.order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        micro = []
+        for j in range(self.accumulation):
+            start = (j * self.world + self.rank) * self.micro_batch
+            micro.append(self.collate([self.examples[i] for i in chunk[start : start + self.micro_batch]]))
+        return StepBatch(micro, sum(self.lengths[i] for i in chunk), sum(self.targets[i] for i in chunk))
+
+
+def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled tokens (labels -100 ignored), in fp32."""
+    return F.cross_entropy(
+        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+        labels[:, 1:].reshape(-1),
+        ignore_index=-100,
+        reduction="sum",
+    )
+
+
+# ====================================================================================================
+# Optimizer and learning-rate schedule
+# ====================================================================================================
+
+
+def learning_rate(opt_cfg: DictConfig, global_batch: int) -> float:
+    """``optimizer.lr`` if set, else the paper's rule ``blr x effective_batch / 256``."""
+    if opt_cfg.get("lr") is not None:
+        return float(opt_cfg.lr)
+    if opt_cfg.get("blr") is None:
+        raise MoATrainError("set optimizer.lr (absolute) or optimizer.blr (scaled by effective_batch/256)")
+    return float(opt_cfg.blr) * global_batch / 256
+
+
+def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW; weight decay on >=2-D weights only (biases, norms, gates and 1-D tensors get none)."""
+    if str(opt_cfg.get("name", "adamw")) != "adamw":
+        raise MoATrainError(f"optimizer.name={opt_cfg.name!r} is not known; the recipe supports adamw")
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim < 2 or name.endswith("bias") else decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": float(opt_cfg.weight_decay)},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+
+
+class LRSchedule:
+    """Multiplier of the base lr at optimizer step ``s`` (LambdaLR): linear warmup from 0, then
+    a per-iteration half-cosine to ``min_lr``, a constant, or a linear decay to ``min_lr``."""
+
+    def __init__(self, name: str, warmup: int, total: int, min_ratio: float) -> None:
+        if name not in SCHEDULES:
+            raise MoATrainError(f"scheduler.name={name!r} is not known; choose one of {', '.join(SCHEDULES)}")
+        self.name, self.warmup, self.total, self.min_ratio = name, warmup, total, min_ratio
+
+    @classmethod
+    def from_config(cls, sc: DictConfig, lr: float, total: int, steps_per_epoch: int) -> LRSchedule:
+        if sc.get("warmup_steps") is not None and sc.get("warmup_epochs") is not None:
+            raise MoATrainError("set scheduler.warmup_steps or scheduler.warmup_epochs, not both")
+        if sc.get("warmup_epochs") is not None:
+            warmup = round(float(sc.warmup_epochs) * steps_per_epoch)
+        else:
+            warmup = int(sc.get("warmup_steps") or 0)
+        min_ratio = float(sc.get("min_lr") or 0.0) / lr if lr > 0 else 0.0
+        return cls(str(sc.name), min(warmup, total), total, min_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return step / self.warmup
+        if self.name == "constant":
+            return 1.0
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        shape = 0.5 * (1.0 + math.cos(math.pi * progress)) if self.name == "cosine" else 1.0 - progress
+        return self.min_ratio + (1.0 - self.min_ratio) * shape
+
+
+# ====================================================================================================
+# Metrics: losses, throughput, router telemetry
+# ====================================================================================================
+
+
+class Meter:
+    """On-device sums between log intervals; read (one sync) only when logging."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.last_loss: float | None = None
+        self._reset()
+
+    def _reset(self) -> None:
+        self.ce = torch.zeros((), device=self.device)
+        self.aux = torch.zeros((), device=self.device)
+        self.aux_parts: dict[str, torch.Tensor] = {}
+        self.micro_steps = 0
+        self.tokens = 0
+        self.targets = 0
+        self.since = time.perf_counter()
+
+    def add(self, ce: torch.Tensor, aux: torch.Tensor, parts: dict[str, torch.Tensor]) -> None:
+        self.ce += ce.detach()
+        self.aux += aux.detach()
+        for name, value in parts.items():
+            self.aux_parts[name] = self.aux_parts.get(name, 0) + value.detach()
+        self.micro_steps += 1
+
+    def read(self, accelerator: Any, lr: float, grad_norm: torch.Tensor | None) -> dict[str, float]:
+        ce = accelerator.reduce(self.ce, "sum") if accelerator.num_processes > 1 else self.ce
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        n = max(self.micro_steps, 1)
+        metrics = {
+            "train/loss": float(ce) / max(self.targets, 1),  # mean token CE over the interval
+            "train/lr": lr,
+            "train/tokens_per_s": self.tokens / seconds,
+            "train/aux_loss": float(self.aux) / n,  # weighted, as added to the loss
+        }
+        if grad_norm is not None:
+            metrics["train/grad_norm"] = float(grad_norm)
+        for name, value in self.aux_parts.items():
+            metrics[f"train/aux/{name}"] = float(value) / n  # unweighted, mean per forward
+        self.last_loss = metrics["train/loss"]
+        self._reset()
+        return metrics
+
+
+class Telemetry:
+    """Router statistics per log interval: per layer x expert metrics, dead-expert warnings and a
+    layer x expert heat-map of mean gates every ``trainer.heatmap_every_steps`` (PNG + logger)."""
+
+    def __init__(self, cfg: DictConfig, run_dir: Path, logger: Any) -> None:
+        tc = cfg.trainer
+        self.run_dir, self.logger = run_dir, logger
+        self.heatmap_every = int(tc.get("heatmap_every_steps") or 0)
+        self.dead_threshold = float(tc.get("dead_expert_threshold", 0.01))
+        self.dead_intervals = int(tc.get("dead_expert_intervals", 5))
+        self.quiet: dict[tuple[int, str], int] = {}
+        self.last_heatmap = 0  # heat-maps at the first log step at or after each multiple of the period
+
+    def router(self, model: Any, step: int) -> dict[str, float]:
+        stats = model.router_stats(reset=True)  # every rank resets; rank 0's statistics are logged
+        if self.logger is None or not stats.get("experts") or not stats.get("tokens"):
+            return {}
+        metrics = router_metrics(stats)
+        self._watch_dead(stats, step)
+        if self.heatmap_every and step // self.heatmap_every > self.last_heatmap:
+            self.last_heatmap = step // self.heatmap_every
+            from moa_train.plots import save_heatmap
+
+            path = self.run_dir / "router" / f"heatmap-step-{step}.png"
+            save_heatmap(
+                stats["mean_gate"], stats["layers"], stats["experts"], path, f"mean gate, step {step}"
+            )
+            self.logger.log_image("router/heatmap", path, step)
+        return metrics
+
+    def _watch_dead(self, stats: dict[str, Any], step: int) -> None:
+        for layer, row in zip(stats["layers"], stats["active_frac"]):
+            for expert, active in zip(stats["experts"], row):
+                if math.isnan(active):
+                    continue
+                key = (layer, expert)
+                self.quiet[key] = self.quiet.get(key, 0) + 1 if active < self.dead_threshold else 0
+                if self.quiet[key] == self.dead_intervals:
+                    log.warning(
+                        "dead expert: layer %d expert %s has been active on < %.1f%% of tokens for %d "
+                        "log intervals (step %d)",
+                        layer, expert, 100 * self.dead_threshold, self.dead_intervals, step,
+                    )  # fmt: skip
+
+
+def router_metrics(stats: dict[str, Any]) -> dict[str, float]:
+    """Flatten ``router_stats()`` into ``router/...`` scalars.
+
+    Per layer: each expert's mean gate and active fraction; the spread of the gate mass
+    (``gate_cv``, ``gate_max_over_mean``) and of the token load = active fraction (``load_cv``,
+    ``load_max_over_mean``); active experts per token, router entropy, mean threshold. The
+    un-prefixed ``router/<name>`` keys average over layers (max/mean: the worst layer).
+    """
+    out: dict[str, float] = {}
+    per_layer: dict[str, list[float]] = {}
+    thresholds = stats.get("mean_threshold") or [None] * len(stats["layers"])
+    for i, layer in enumerate(stats["layers"]):
+        gates, loads = [], []
+        for expert, gate, active in zip(stats["experts"], stats["mean_gate"][i], stats["active_frac"][i]):
+            if math.isnan(gate):
+                continue  # this layer has no such expert
+            out[f"router/L{layer}/{expert}/mean_gate"] = gate
+            out[f"router/L{layer}/{expert}/active_frac"] = active
+            gates.append(gate)
+            loads.append(active)
+        values = {
+            "gate_cv": _cv(gates),
+            "gate_max_over_mean": _max_over_mean(gates),
+            "load_cv": _cv(loads),
+            "load_max_over_mean": _max_over_mean(loads),
+            "active_per_token": stats["active_per_token"][i],
+            "entropy": stats["entropy"][i],
+            "mean_threshold": thresholds[i],
+        }
+        for name, value in values.items():
+            if value is not None and not math.isnan(value):
+                out[f"router/L{layer}/{name}"] = value
+                per_layer.setdefault(name, []).append(value)
+    for name, values in per_layer.items():
+        out[f"router/{name}"] = max(values) if name.endswith("max_over_mean") else statistics.fmean(values)
+    return out
+
+
+def _cv(values: list[float]) -> float:
+    mean = statistics.fmean(values) if values else 0.0
+    return statistics.pstdev(values) / mean if len(values) > 1 and mean > 0 else 0.0
+
+
+def _max_over_mean(values: list[float]) -> float:
+    mean = statistics.fmean(values) if values else 0.0
+    return max(values) / mean if mean > 0 else 0.0
+
+
+# ====================================================================================================
+# After training
+# ====================================================================================================
+
+
+def final_evaluation(
+    cfg: DictConfig, model: Any, tokenizer: Any, records: list[dict], autocast: Any, run_dir: Path
+) -> dict[str, Any]:
+    """Held-out accuracy of the base model (adapters off) and the tuned model with the same
+    ``evaluate_records`` that ``moa-eval`` uses; prints ``<name> accuracy: base=<f> tuned=<f>``."""
+    from moa_train.evaluate import evaluate_records
+
+    ec = cfg.final_eval
+    if not records:
+        raise MoATrainError(
+            f"final_eval.split={ec.split} is empty or missing in data={cfg.data.get('name', '?')}"
+        )
+    if ec.get("max_records"):
+        records = records[: int(ec.max_records)]
+    kwargs = dict(
+        decoding=ec.decoding, batch_size=int(ec.batch_size), max_new_tokens=ec.get("max_new_tokens")
+    )
+    model.eval()
+    model.set_telemetry(False)
+    results: dict[str, Any] = {"eval_records": len(records)}
+    started = time.perf_counter()
+    with torch.no_grad(), autocast:
+        if ec.get("base", True):
+            with model.disable_adapters():
+                base = evaluate_records(model, tokenizer, records, **kwargs)
+            results["base_accuracy"] = base["accuracy"]
+        tuned = evaluate_records(model, tokenizer, records, **kwargs)
+    results["tuned_accuracy"] = tuned["accuracy"]
+    results["eval_seconds"] = round(time.perf_counter() - started, 1)
+    with open(run_dir / "final_eval_predictions.jsonl", "w", encoding="utf-8") as f:
+        for prediction in tuned.get("predictions", []):
+            f.write(json.dumps(prediction, default=str) + "\n")
+    base_text = f"{results['base_accuracy']:.3f}" if "base_accuracy" in results else "n/a"
+    line = f"{cfg.name} accuracy: base={base_text} tuned={results['tuned_accuracy']:.3f}"
+    log.info(line)
+    print(line, flush=True)
+    return results
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "summary.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    """Peak GPU memory allocated by torch, or on CPU the peak resident size of this process."""
+    if device.type == "cuda":
+        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
+    import resource
+
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
+
+
+def parameter_digest(params: list[torch.Tensor]) -> str:
+    digest = hashlib.sha256()
+    for p in params:
+        digest.update(p.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+# ====================================================================================================
+# Small helpers
+# ====================================================================================================
+
+
+def _plain(node: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
+    """Rank 0's bar: step n/total, elapsed<ETA, loss and tokens/s (refreshed at log steps)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(
+        total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
+        mininterval=1.0,
+    )  # fmt: skip
+
+
+def _worker_logging(run_dir: Path, main: bool) -> None:
+    """Workers started by `accelerate launch` have no Hydra logging: rank 0 logs to the run's log."""
+    handlers: list[logging.Handler] = [logging.StreamHandler()]
+    if main:
+        handlers.append(logging.FileHandler(run_dir / "train.log"))
+    logging.basicConfig(
+        level=logging.INFO if main else logging.WARNING,
+        format="[%(asctime)s][%(name)s][%(levelname)s] - %(message)s",
+        handlers=handlers,
+        force=True,
+    )
+
+
+def _reset_accelerate_state() -> None:
+    """Let a later job of the same process (a Hydra sweep) build a fresh Accelerator."""
+    with contextlib.suppress(Exception):
+        from accelerate.state import AcceleratorState
+
+        AcceleratorState._reset_state(reset_partial_state=True)
