@@ -16,7 +16,7 @@ from conftest import run_cli
 def test_quickstart_beats_the_base_model(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     started = time.monotonic()
-    result = run_cli("moa-train", f"hydra.run.dir={run_dir}", "logger=none", cwd=tmp_path, timeout=1800)
+    result = run_cli("moa-train", f"hydra.run.dir={run_dir}", "logger=none", cwd=tmp_path, timeout=3600)
     minutes = (time.monotonic() - started) / 60
     assert result.returncode == 0, result.stderr[-3000:]
     last = result.stdout.strip().splitlines()[-1]

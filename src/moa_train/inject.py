@@ -64,7 +64,8 @@ def _moa_attention(module, query, key, value, attention_mask, **kwargs):
         module, query, key, value, attention_mask, **kwargs
     )
     if moa_layer is not None and moa_layer._state.enabled:
-        out = out + moa_layer.prompt_delta(module, query).to(out.dtype)
+        delta = moa_layer.prompt_delta(module, query)
+        out = out + (delta if delta.dtype == out.dtype else delta.to(out.dtype))
     return out, weights
 
 
@@ -142,7 +143,8 @@ def _site_hook(moa: MoALayer, state: MoAState, site: str):
     def hook(module, args, output):
         if not state.enabled:
             return None
-        return output + moa.delta(site, args[0], expert).to(output.dtype)
+        delta = moa.delta(site, args[0], expert)
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
     return hook
 
@@ -151,7 +153,8 @@ def _pa_hook(moa: MoALayer, state: MoAState):
     def hook(module, args, output):
         if not state.enabled:
             return None
-        return output + moa.delta("pa", args[0], moa.pa).to(output.dtype)
+        delta = moa.delta("pa", args[0], moa.pa)
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
 
     return hook
 

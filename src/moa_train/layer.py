@@ -119,6 +119,7 @@ class MoALayer(nn.Module):
                 persistent=False,
             )
         self.weights: torch.Tensor | None = None  # [B, T or 1, S] of the current forward
+        self._columns: tuple | None = None  # (weights, its S [B, T or 1, 1] column views)
         self.keep: torch.Tensor | None = None
         self._instance_cache: RouterOutput | None = None
         self._attn_input: torch.Tensor | None = None  # router input of prompt-MoE
@@ -127,9 +128,9 @@ class MoALayer(nn.Module):
     def route(self, decoder_layer: nn.Module, h: torch.Tensor) -> None:
         cfg, state = self.cfg.router, self._state
         if self.prompt is not None and self.prompt.router is not None:
-            self._attn_input = decoder_layer.input_layernorm(h)
+            self.__dict__["_attn_input"] = decoder_layer.input_layernorm(h)
         if self.router is None:
-            self.weights = self.keep = None
+            self.__dict__.update(weights=None, keep=None, _columns=None)
             return
         x = h if cfg.input == "residual" else decoder_layer.input_layernorm(h)
         mask = state.token_mask
@@ -141,7 +142,9 @@ class MoALayer(nn.Module):
         if self.slot_to_output is not None:
             weights = weights[..., self.slot_to_output]
             keep = None if keep is None else keep[..., self.slot_to_output]
-        self.weights, self.keep = weights, keep
+        # Per-forward state goes straight into __dict__: nn.Module.__setattr__ costs ~10 us a call, which
+        # adds up per layer while decoding (perf). These names are plain attributes (set in __init__).
+        self.__dict__.update(weights=weights, keep=keep, _columns=None)
 
     def _route_instance(self, x: torch.Tensor, mask: torch.Tensor | None) -> RouterOutput:
         """One gate vector per sequence: masked mean over the prompt at prefill, reused while decoding."""
@@ -156,44 +159,51 @@ class MoALayer(nn.Module):
             else:
                 pool = pool.to(x.dtype).unsqueeze(-1)
                 pooled = (x * pool).sum(1, keepdim=True) / pool.sum(1, keepdim=True).clamp_min(1.0)
-            self._instance_cache = self.router(pooled, counts)
+            self.__dict__["_instance_cache"] = self.router(pooled, counts)
             return self._instance_cache
         self.router.record(self._instance_cache, counts)
         return self._instance_cache
 
     # -- step 2: gate x expert at each site -------------------------------------------------------
+    def gate_column(self, i: int) -> torch.Tensor:
+        """Slot i's gate as a [B, T or 1, 1] column (one unbind per forward for all slots: perf, fewer ops)."""
+        weights = self.weights
+        if self._columns is None or self._columns[0] is not weights:
+            self.__dict__["_columns"] = (weights, weights.unsqueeze(-1).unbind(-2))
+        return self._columns[1][i]
+
     def delta(self, slot: str, x: torch.Tensor, expert: nn.Module) -> torch.Tensor:
         """The gated additive contribution of ``expert`` at ``slot`` for site input x [B, T, in].
 
-        Experts with a ``delta(x, gate)`` method (LoRA, PA) apply the gate on their low-rank hidden
-        (cheaper than on the [B, T, out] output; see LoRAExperts.delta); any other module is gated here.
+        Experts with a ``delta(x, gate)`` method (LoRA, PA) apply the gate column on their low-rank
+        hidden (cheaper than on the [B, T, out] output; see LoRAExperts.delta); other modules are gated here.
         """
         if self.weights is None:
             return expert(x)
         i = self.slot_index[slot]
-        gate = self.weights[..., i]
         gated = getattr(expert, "delta", None)
         if self.keep is not None and self._state.use_gather(x):
             keep = self.keep[..., i].expand(x.shape[:-1])
             rows = gather_rows(keep)
             flat = x.reshape(-1, x.shape[-1])
-            gate = gate.expand(x.shape[:-1]).reshape(-1)[rows]
+            gate = self.weights[..., i].expand(x.shape[:-1]).reshape(-1)[rows, None]
             if gated is not None:
                 selected = gated(flat[rows], gate)
             else:
                 selected = expert(flat[rows])
-                selected = selected * gate[:, None].to(selected.dtype)
+                selected = selected * gate.to(selected.dtype)
             out = selected.new_zeros(flat.shape[0], selected.shape[-1]).index_add_(0, rows, selected)
             return out.reshape(*x.shape[:-1], -1)
+        gate = self.gate_column(i)
         if gated is not None:
             return gated(x, gate)
         out = expert(x)
-        return out * gate.unsqueeze(-1).to(out.dtype)
+        return out * gate.to(out.dtype)
 
     def prompt_delta(self, attn: nn.Module, query: torch.Tensor) -> torch.Tensor:
         """Gated prompt-attention output [B, T, heads, head_dim] (always dense: spec B.2).
 
         The gate is folded into the prompt's attention probabilities (see PromptExpert.forward).
         """
-        gate = None if self.weights is None else self.weights[..., self.slot_index["prompt"]]
+        gate = None if self.weights is None else self.gate_column(self.slot_index["prompt"])
         return self.prompt(attn, query, self._attn_input, gate)

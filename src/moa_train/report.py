@@ -529,7 +529,8 @@ class Report:
 
         groups: list[str | None] = [*self.datasets, None] if len(self.datasets) > 1 else [None]
         width = 0.8 / len(methods)
-        fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(groups) * max(1, len(methods)) * 0.5 + 3), 4.5))
+        width_in = min(14.0, max(6.0, 2.0 + 0.3 * len(groups) * len(methods)))
+        fig, ax = plt.subplots(figsize=(width_in, 5.0))
         try:
             for i, m in enumerate(methods):
                 means, errs, xs = [], [], []

@@ -140,6 +140,8 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     if expected_world_size > 1:
         _worker_logging(run_dir, main)
     set_seed(int(cfg.seed) + rank)  # the init seed; the data order has its own seed (data.seed)
+    if tc.get("cpu_threads"):  # on a shared CPU, fewer threads avoid spin-waiting on busy cores
+        torch.set_num_threads(int(tc.cpu_threads))
 
     # ---- model: frozen base in the compute dtype, fp32 adapters ---------------------------------
     precision = str(tc.precision)

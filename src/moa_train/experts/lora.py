@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
-from moa_train.experts.mixing import autocasting, gather_rows, weight_hidden
+from moa_train.experts.mixing import autocast_off, autocasting, few_rows_on_cpu, gather_rows, weight_hidden
 from moa_train.routers import Router
 
 
@@ -59,24 +59,30 @@ class LoRAExperts(nn.Module):
         return self.delta(x)
 
     def delta(self, x: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """``gate * delta(x)`` [..., out] for a per-token gate [...] (None: ungated).
+        """``gate * delta(x)`` [..., out] for a per-token gate column [..., 1] (None: ungated).
 
         Perf: the gate, the routing weights and alpha/r multiply the rank-r hidden, not the [tokens, out]
         output: the same product on out/r times fewer elements, forward and backward (the gate's gradient
         becomes a sum over r instead of over out).
         """
+        if few_rows_on_cpu(x):  # decoding on CPU: fp32 without autocast is faster (see FEW_ROWS)
+            with autocast_off():
+                return self._delta(x, gate)
+        return self._delta(x, gate)
+
+    def _delta(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         x = self._input(x)
         if self.router is None:
             hidden = F.linear(x, self.A)
             if gate is not None:
-                gate = gate.unsqueeze(-1).to(hidden.dtype)
+                gate = gate if gate.dtype == hidden.dtype else gate.to(hidden.dtype)
                 hidden = hidden * (gate if self.scale == 1.0 else gate * self.scale)
             elif self.scale != 1.0:
                 hidden = hidden * self.scale
             return F.linear(hidden, self.B)
         mask = None if self._state is None else self._state.token_mask
         route = self.router(x, mask)
-        weights = route.weights if gate is None else route.weights * gate.unsqueeze(-1).to(route.weights.dtype)
+        weights = route.weights if gate is None else route.weights * gate.to(route.weights.dtype)
         if route.keep is not None and self._state is not None and self._state.use_gather(x):
             return self._sparse(x, weights, route.keep)
         hidden = F.linear(x, self.A)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
-from moa_train.experts.mixing import autocasting, weight_hidden
+from moa_train.experts.mixing import autocast_off, autocasting, few_rows_on_cpu, weight_hidden
 from moa_train.routers import Router
 
 ACTIVATIONS = {"silu": F.silu, "relu": F.relu, "gelu": F.gelu, "tanh": torch.tanh}
@@ -51,23 +51,32 @@ class ParallelAdapter(nn.Module):
         return self.delta(u)
 
     def delta(self, u: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
-        """``gate * PA(u)`` [..., hidden] for a per-token gate [...] (None: ungated).
+        """``gate * PA(u)`` [..., hidden] for a per-token gate column [..., 1] (None: ungated).
 
         Perf: the gate (and the PA-MoE routing weights) multiply the bottleneck, not the [tokens, hidden]
         output, and the up-bias rides along as one extra bottleneck column (g*(W h + b) = [W, b] [g h; g]),
         so gating costs ops on width bottleneck+1 instead of hidden, forward and backward. No fp32
         upcast of the input under autocast (F.linear casts to the autocast dtype anyway; same values).
         """
+        if few_rows_on_cpu(u):  # decoding on CPU: fp32 without autocast is faster (see FEW_ROWS)
+            with autocast_off():
+                return self._delta(u, gate)
+        return self._delta(u, gate)
+
+    def _delta(self, u: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
         u = u if autocasting(u) else u.to(self.down_w.dtype)
         hidden = self.act(F.linear(u, self.down_w, self.down_b))
         if self.router is None:
             if gate is None:
                 return F.linear(hidden, self.up_w, self.up_b[0])
-            g = gate.unsqueeze(-1).to(hidden.dtype).expand(*hidden.shape[:-1], 1)  # instance gates: [B, 1]
+            g = gate if gate.dtype == hidden.dtype else gate.to(hidden.dtype)
+            if not torch.is_grad_enabled():  # inference: fewest ops (decoding, T = 1)
+                return F.linear(hidden, self.up_w, self.up_b[0]) * g
+            g = g.expand(*hidden.shape[:-1], 1)  # instance gates are [B, 1, 1]
             return F.linear(torch.cat([hidden * g, g], -1), torch.cat([self.up_w, self.up_b[0][:, None]], 1))
         mask = None if self._state is None else self._state.token_mask
         w = self.router(u, mask).weights.to(hidden.dtype)
         if gate is not None:
-            w = w * gate.unsqueeze(-1).to(w.dtype)
+            w = w * gate.to(w.dtype)
         mixed = weight_hidden(hidden, w, self.bottleneck, self.shared_down)
         return F.linear(torch.cat([mixed, w], -1), torch.cat([self.up_w, self.up_b.t()], 1))

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
+from moa_train.experts.mixing import autocast_off, few_rows_on_cpu
 from moa_train.routers import Router
 
 
@@ -41,7 +42,7 @@ class PromptExpert(nn.Module):
         router_input: torch.Tensor | None = None,
         token_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query: [B, heads, T, head_dim] after RoPE; token_gate: [B, T] block-router gate or None.
+        """query: [B, heads, T, head_dim] after RoPE; token_gate: [B, T, 1] block-router gate or None.
 
         Returns ``token_gate * prompt_attention`` as [B, T, heads, head_dim].
 
@@ -51,9 +52,15 @@ class PromptExpert(nn.Module):
         over all E*L slots instead of an einsum per expert. Prompt keys/values are reused across calls
         while no gradient is recorded (decoding) and the prompt and projections are unchanged.
         """
+        if few_rows_on_cpu(query, query.shape[0] * query.shape[2]):  # decoding on CPU (see FEW_ROWS)
+            with autocast_off():
+                return self._forward(attn, query.float(), router_input, token_gate)
+        return self._forward(attn, query, router_input, token_gate)
+
+    def _forward(self, attn, query, router_input, token_gate) -> torch.Tensor:
         heads = query.shape[1]
-        keys, values = self._keys_values(attn, heads, query.shape[-1])
-        scores = torch.matmul(query, keys.transpose(-1, -2).to(query.dtype)) * attn.scaling  # [B,h,T,E*L]
+        keys_t, values = self._keys_values(attn, heads, query.shape[-1], query.dtype)
+        scores = torch.matmul(query, keys_t)  # [B, h, T, E*L], already scaled by attn.scaling
         # Perf: the softmax runs on the scores laid out [B, h, E*L, T] (slots before tokens), i.e. over a
         # strided dim with T contiguous inner elements: ~20x faster on CPU than over a contiguous last dim
         # of size L = 10 (one tiny row per token). The transpose is taken after the matmul with the query
@@ -61,19 +68,22 @@ class PromptExpert(nn.Module):
         # RoPE's backward and its accumulation with the attention's query gradient.
         scores = scores.transpose(-1, -2).to(torch.float32, memory_format=torch.contiguous_format)
         probs = torch.softmax(scores.unflatten(2, (self.num_experts, self.length)), dim=3)  # [B,h,E,L,T]
-        coef = self.head_gate.t()[None, :, :, None]  # [1, h, E, 1]
+        coef = self.head_gate.t()[:, :, None, None]  # [h, E, 1, 1]
         if self.router is not None:
             mask = None if self._state is None else self._state.token_mask
             weights = self.router(router_input, mask).weights  # [B, T, E]
-            coef = coef * weights.transpose(1, 2)[:, None].to(coef.dtype)
-        if token_gate is not None:
-            coef = coef * token_gate[:, None, None, :].to(coef.dtype)
-        probs = (probs * coef.unsqueeze(3)).flatten(2, 3).to(query.dtype)  # [B, h, E*L, T]
-        out = torch.matmul(probs.transpose(-1, -2), values.to(query.dtype))  # [B, h, T, hd]
+            coef = coef * weights.transpose(1, 2)[:, None, :, None, :]  # [B, h, E, 1, T]
+        if token_gate is not None:  # [B, T or 1, 1] gate column -> [B, 1, 1, 1, T or 1]
+            coef = coef * token_gate.view(token_gate.shape[0], 1, 1, 1, token_gate.shape[1])
+        probs = (probs * coef).flatten(2, 3).to(query.dtype)  # fp32 products, then [B, h, E*L, T]
+        out = torch.matmul(probs.transpose(-1, -2), values)  # [B, h, T, hd]
         return out.transpose(1, 2)
 
-    def _keys_values(self, attn: nn.Module, heads: int, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt keys and values [heads, E*L, head_dim] from the frozen k/v projections."""
+    def _keys_values(
+        self, attn: nn.Module, heads: int, head_dim: int, dtype: torch.dtype
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt keys, transposed and pre-multiplied by the score scale [heads, head_dim, E*L], and values
+        [heads, E*L, head_dim], in ``dtype``, from the frozen k/v projections."""
         weight_k, weight_v = attn.k_proj.weight, attn.v_proj.weight
         cacheable = not torch.is_grad_enabled()
         if cacheable:
@@ -81,7 +91,7 @@ class PromptExpert(nn.Module):
             norm = getattr(attn, "k_norm", None)
             key = (
                 self.vectors._version, self.vectors.data_ptr(), weight_k._version, weight_k.data_ptr(),
-                weight_v._version, weight_v.data_ptr(), weight_k.dtype, heads, id(attn),
+                weight_v._version, weight_v.data_ptr(), weight_k.dtype, heads, id(attn), dtype, attn.scaling,
                 torch.is_autocast_enabled(device), torch.get_autocast_dtype(device),
                 None if norm is None else [(p._version, p.data_ptr()) for p in norm.parameters()],
             )
@@ -95,8 +105,10 @@ class PromptExpert(nn.Module):
         if getattr(attn, "k_norm", None) is not None:
             keys = attn.k_norm(keys)
         groups = heads // keys.shape[1]
-        keys = keys.repeat_interleave(groups, dim=1).permute(1, 0, 2)  # [heads, E*L, hd]
-        values = values.repeat_interleave(groups, dim=1).permute(1, 0, 2)
+        keys = keys.repeat_interleave(groups, dim=1).permute(1, 2, 0)  # [heads, hd, E*L]
+        values = values.repeat_interleave(groups, dim=1).permute(1, 0, 2).to(dtype)  # [heads, E*L, hd]
+        # scale the 10-slot keys rather than the [B, h, T, E*L] scores (an exact power of two for hd = 64)
+        keys = (keys * attn.scaling).to(dtype)
         if cacheable:
             self.__dict__["_kv_cache"] = (key, (keys, values))  # plain attribute: not a buffer, not saved
         else:

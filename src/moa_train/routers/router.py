@@ -2,23 +2,37 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
+from moa_train.experts.mixing import autocast_off, few_rows_on_cpu
 from moa_train.routers import aux_losses, selection
 from moa_train.telemetry import RouterTelemetry, in_backward
 
 
-@dataclass
 class RouterOutput:
-    weights: torch.Tensor  # [..., E] what each expert's output is multiplied by (0 where not kept)
-    keep: torch.Tensor | None  # [..., E] bool, None for dense routing (every expert runs)
-    probs: torch.Tensor  # [..., E] normalised gate distribution (entropy, load balance)
-    threshold: torch.Tensor | None  # [..., 1] Γ or τ, when the selection has one
+    """weights [..., E]: what each expert's output is multiplied by (0 where not kept); keep [..., E]: bool,
+    None for dense routing (every expert runs); probs [..., E]: normalised gate distribution (entropy,
+    load balance); threshold [..., 1]: Γ or τ, when the selection has one.
+
+    Perf: for sigmoid / constant gates ``probs`` (gates / their sum) is only needed by telemetry and aux
+    losses, so it is computed on first access from ``gates`` instead of on every forward (decoding runs
+    with telemetry off).
+    """
+
+    __slots__ = ("weights", "keep", "threshold", "_probs", "_gates")
+
+    def __init__(self, weights, keep, probs, threshold, gates=None) -> None:
+        self.weights, self.keep, self.threshold = weights, keep, threshold
+        self._probs, self._gates = probs, gates
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            self._probs = self._gates / self._gates.sum(-1, keepdim=True)
+        return self._probs
 
 
 class SwiGLUGate(nn.Module):
@@ -34,11 +48,15 @@ class SwiGLUGate(nn.Module):
                 nn.init.zeros_(lin.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Perf: W1 and W3 read the same x, so they run as one GEMM on the stacked weights (one pass over
-        # x forward, one input-gradient GEMM and no gradient add backward); same sums per output unit.
-        bias = None if self.w1.bias is None else torch.cat([self.w1.bias, self.w3.bias])
-        gate, up = F.linear(x, torch.cat([self.w1.weight, self.w3.weight]), bias).chunk(2, dim=-1)
-        return self.w2(F.silu(gate) * up)
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        if not torch.is_grad_enabled():  # inference: fewest calls beat one pass over x (decoding, T = 1)
+            hidden = F.silu(F.linear(x, w1.weight, w1.bias)) * F.linear(x, w3.weight, w3.bias)
+            return F.linear(hidden, w2.weight, w2.bias)
+        # Perf: W1 and W3 read the same x, so in training they run as one GEMM on the stacked weights
+        # (one pass over x forward, one input-gradient GEMM and no gradient add backward); same sums.
+        bias = None if w1.bias is None else torch.cat([w1.bias, w3.bias])
+        gate, up = F.linear(x, torch.cat([w1.weight, w3.weight]), bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2.weight, w2.bias)
 
 
 class Router(nn.Module):
@@ -61,10 +79,16 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
         """x: [..., in]; mask: [...] real-token weights (padding 0) for statistics and aux losses."""
+        if few_rows_on_cpu(x):  # decoding on CPU: fp32 without autocast is faster (see FEW_ROWS)
+            with autocast_off():
+                return self._forward(x, mask)
+        return self._forward(x, mask)
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> RouterOutput:
         cfg, num = self.cfg, self.num_experts
         if self.net is None:  # naive composition: every expert at full weight
             ones = x.new_ones(*x.shape[:-1], num)
-            out = RouterOutput(ones, None, ones / num, None)
+            out = RouterOutput(ones, None, None, None, gates=ones)
             self.record(out, mask)
             return out
         if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts x itself (perf)
@@ -72,7 +96,7 @@ class Router(nn.Module):
         logits = self.net(x)
         if cfg.activation == "sigmoid":
             gates = torch.sigmoid(logits)
-            probs = gates / gates.sum(-1, keepdim=True)
+            probs = None  # gates / gates.sum(-1): computed on demand (RouterOutput.probs)
         else:
             probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
             gates = probs * num if cfg.activation == "scaled_softmax" else probs
@@ -94,7 +118,7 @@ class Router(nn.Module):
             threshold = torch.sigmoid(self.threshold(x)) / num
             weights, keep = selection.adamole(probs, threshold)
 
-        out = RouterOutput(weights, keep, probs, threshold)
+        out = RouterOutput(weights, keep, probs, threshold, gates=gates)
         self._aux(logits, out, mask)
         self.record(out, mask)
         return out
