@@ -256,9 +256,9 @@ def test_dry_run_from_the_console_script(tmp_path: Path) -> None:
 def test_missing_paper_data_is_a_one_line_error(tmp_path: Path, preset: str, dataset: str) -> None:
     result = run_cli("moa-train", f"experiment={preset}", "model=tiny_random", "logger=none", cwd=tmp_path)
     assert result.returncode == 2, result.stderr[-2000:]
-    assert "Traceback" not in result.stderr, result.stderr[-2000:]
-    line = [line for line in result.stderr.strip().splitlines() if line.strip()][-1]
-    assert line.startswith("error: "), result.stderr[-2000:]
+    lines = [line for line in result.stderr.strip().splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    line = lines[0]
     assert f"data.train_path=/path/{dataset}.json" in line  # names the override to use
     assert "LLM-Adapters" in line  # says where to get it
 

@@ -405,11 +405,11 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 
 
 def compute_ratios(runs: dict[str, dict], reference: str) -> dict[str, dict]:
-    """Ratio of each run's metrics to the reference run's (None where either is missing)."""
+    """Ratio of each run's metrics to the reference run's (only metrics both of them measured)."""
     ref = runs.get(reference, {})
     metrics = ("step_s", "tokens_per_s", "peak_mem_mb", "decode_tokens_per_s")
     return {
-        name: {m: _ratio(run.get(m), ref.get(m)) for m in metrics if run.get(m) is not None}
+        name: {m: _ratio(run[m], ref[m]) for m in metrics if run.get(m) is not None and ref.get(m)}
         for name, run in runs.items()
     }
 
