@@ -277,10 +277,12 @@ class Runner:
         self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if params else None
 
     def step(self, batch: dict) -> float:
+        """One training step; returns its wall-clock seconds (``last_cpu_s``: process CPU seconds)."""
         import torch
 
         self.model.train()
         _sync(self.device)
+        cpu = time.process_time()
         start = time.perf_counter()
         with torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
             out = self.model(**batch)
@@ -289,7 +291,9 @@ class Runner:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         _sync(self.device)
-        return time.perf_counter() - start
+        elapsed = time.perf_counter() - start
+        self.last_cpu_s = time.process_time() - cpu
+        return elapsed
 
     def generate_time(self, prompt: dict, new_tokens: int, pad_id: int) -> float:
         import torch
@@ -362,7 +366,8 @@ def memory_probe(setup: Setup, name: str, steps: int) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss of a fresh process (lifetime peak, includes loading)"
     else:
-        method = "VmHWM of a fresh process, reset just before the first step (weights included)"
+        method = ("VmHWM of a fresh process per variant (glibc MALLOC_MMAP_THRESHOLD_=65536), reset just "
+                  "before the first step: peak resident memory during the steps, weights included")
     result.update(peak_mem_mb=peak / 1024, start_mem_mb=(start or 0) / 1024, method=method)
     return result
 
@@ -374,7 +379,10 @@ def run_memory_probes(setup: Setup, names: list[str], steps: int, threads: int |
                *_setup_args(setup)]  # fmt: skip
         if threads:
             cmd += ["--threads", str(threads)]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        # glibc: serve every allocation >= 64 KiB by mmap (returned to the OS when freed), so the peak RSS
+        # tracks live tensors instead of whatever the heap happened to keep cached
+        env = {**os.environ, "HF_HUB_OFFLINE": "1", "MALLOC_MMAP_THRESHOLD_": "65536"}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
         if proc.returncode != 0 or not lines:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
@@ -407,7 +415,7 @@ def _ratio(a: float | None, b: float | None) -> float | None:
 def compute_ratios(runs: dict[str, dict], reference: str) -> dict[str, dict]:
     """Ratio of each run's metrics to the reference run's (only metrics both of them measured)."""
     ref = runs.get(reference, {})
-    metrics = ("step_s", "tokens_per_s", "peak_mem_mb", "decode_tokens_per_s")
+    metrics = ("step_s", "tokens_per_s", "peak_mem_mb", "decode_tokens_per_s", "cpu_s")
     return {
         name: {m: _ratio(run[m], ref[m]) for m in metrics if run.get(m) is not None and ref.get(m)}
         for name, run in runs.items()
@@ -473,12 +481,14 @@ def run_benchmark(args: argparse.Namespace) -> dict:
 
     # -- training steps, interleaved ------------------------------------------------------------------
     times: dict[str, list[float]] = {name: [] for name in names}
+    cpu_times: dict[str, list[float]] = {name: [] for name in names}
     for round_ in range(args.warmup + args.steps):
         last = {}
         for name in names:
             last[name] = runners[name].step(batch)
             if round_ >= args.warmup:
                 times[name].append(last[name])
+                cpu_times[name].append(runners[name].last_cpu_s)
         label = f"warm-up {round_ + 1}" if round_ < args.warmup else f"round {round_ - args.warmup + 1}/{args.steps}"
         print(f"  {label}: " + " ".join(f"{n}={t:.2f}s" for n, t in last.items()), flush=True)
     tokens = setup.batch * setup.seq
@@ -491,6 +501,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "tokens_per_s": tokens / median,
             "peak_mem_mb": None,
             "step_s_all": times[name],
+            "cpu_s": statistics.median(cpu_times[name]),
+            "cpu_s_all": cpu_times[name],
             "trainable_params": runners[name].params,
         }
 
