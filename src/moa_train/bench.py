@@ -274,7 +274,9 @@ class Runner:
         params = trainable(model)
         self.params = sum(p.numel() for p in params)
         # foreach=False on CPU: the same kernels for every variant, no multi-tensor temporaries
-        self.optimizer = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if params else None
+        self.optimizer = (
+            torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95), weight_decay=0.0) if params else None
+        )
 
     def step(self, batch: dict) -> float:
         """One training step; returns its wall-clock seconds (``last_cpu_s``: process CPU seconds)."""
@@ -295,10 +297,13 @@ class Runner:
         self.last_cpu_s = time.process_time() - cpu
         return elapsed
 
-    def generate_time(self, prompt: dict, new_tokens: int, pad_id: int) -> float:
+    def generate_time(self, prompt: dict, new_tokens: int, pad_id: int, telemetry: bool = False) -> float:
+        """Seconds for greedy generate(); router telemetry off by default, as evaluate_records() runs it."""
         import torch
 
         self.model.eval()
+        if hasattr(self.model, "set_telemetry"):
+            self.model.set_telemetry(telemetry)
         _sync(self.device)
         start = time.perf_counter()
         with torch.no_grad(), torch.autocast(torch.device(self.device).type, dtype=torch.bfloat16):
@@ -308,6 +313,8 @@ class Runner:
             )  # fmt: skip
         _sync(self.device)
         elapsed = time.perf_counter() - start
+        if hasattr(self.model, "set_telemetry"):
+            self.model.set_telemetry(self.name != "soft_moa_no_telemetry")  # back to the training setting
         assert out.shape[1] == prompt["input_ids"].shape[1] + new_tokens
         return elapsed
 
@@ -366,8 +373,10 @@ def memory_probe(setup: Setup, name: str, steps: int) -> dict:
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss of a fresh process (lifetime peak, includes loading)"
     else:
-        method = ("VmHWM of a fresh process per variant (glibc MALLOC_MMAP_THRESHOLD_=65536), reset just "
-                  "before the first step: peak resident memory during the steps, weights included")
+        method = (
+            "VmHWM of a fresh process per variant (glibc MALLOC_MMAP_THRESHOLD_=65536), reset just "
+            "before the first step: peak resident memory during the steps, weights included"
+        )
     result.update(peak_mem_mb=peak / 1024, start_mem_mb=(start or 0) / 1024, method=method)
     return result
 
@@ -466,12 +475,35 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown"
 
 
+def pin_malloc() -> str | None:
+    """glibc: serve allocations up to 32 MiB from the heap and never trim it (mallopt), for the timing process.
+
+    By default glibc mmaps large blocks and, after each free, raises its mmap threshold; whether a variant's
+    activations come back as fresh (page-faulting, zero-filled) pages then depends on what ran before it,
+    which showed up as order-dependent step times of +-30 % between interleaved variants. With a fixed
+    threshold every variant reuses warm heap memory after the warm-up round (blocks above 32 MiB, such as
+    the [tokens, vocab] logits, are mmapped for every variant alike).
+    """
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        ok = libc.mallopt(m_mmap_threshold, 32 * 2**20) == 1 and libc.mallopt(m_trim_threshold, 2**30) == 1
+    except (OSError, AttributeError):
+        return None
+    return "glibc mallopt: M_MMAP_THRESHOLD 32 MiB, M_TRIM_THRESHOLD 1 GiB" if ok else None
+
+
 def run_benchmark(args: argparse.Namespace) -> dict:
     import torch
 
     setup = _setup_from_args(args)
     names = _variant_names(args, setup.device)
     started = time.perf_counter()
+    malloc = pin_malloc() if setup.device == "cpu" else None
     load_before = os.getloadavg()
     print(f"moa-bench: {setup.model_name} on {setup.device}, batch {setup.batch} x {setup.seq}, "
           f"{args.warmup} warm-up + {args.steps} measured interleaved rounds of {len(names)} variants", flush=True)  # fmt: skip
@@ -489,7 +521,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             if round_ >= args.warmup:
                 times[name].append(last[name])
                 cpu_times[name].append(runners[name].last_cpu_s)
-        label = f"warm-up {round_ + 1}" if round_ < args.warmup else f"round {round_ - args.warmup + 1}/{args.steps}"
+        label = (
+            f"warm-up {round_ + 1}"
+            if round_ < args.warmup
+            else f"round {round_ - args.warmup + 1}/{args.steps}"
+        )
         print(f"  {label}: " + " ".join(f"{n}={t:.2f}s" for n, t in last.items()), flush=True)
     tokens = setup.batch * setup.seq
     runs: dict[str, dict] = {}
@@ -512,18 +548,27 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         prompt_len = min(args.decode_prompt, setup.seq)
         prompt = {k: v[:, :prompt_len] for k, v in batch.items() if k != "labels"}
         pad = base.config.pad_token_id if base.config.pad_token_id is not None else 0
-        samples: dict[str, list[float]] = {n: [] for n in decode_names}
+        # (name, telemetry): as evaluate_records() decodes (telemetry off), plus Soft MoA with it on
+        decode_runs = [(n, False) for n in decode_names]
+        if "soft_moa" in decode_names:
+            decode_runs.append(("soft_moa", True))
+        samples: dict[str, list[float]] = {n + ("+telemetry" if t else ""): [] for n, t in decode_runs}
         for round_ in range(args.decode_warmup + args.decode_rounds):
-            for name in decode_names:
-                full = runners[name].generate_time(prompt, args.decode_tokens, pad)
-                one = runners[name].generate_time(prompt, 1, pad)
+            for name, telemetry in decode_runs:
+                full = runners[name].generate_time(prompt, args.decode_tokens, pad, telemetry)
+                one = runners[name].generate_time(prompt, 1, pad, telemetry)
                 if round_ >= args.decode_warmup:
-                    samples[name].append(setup.batch * (args.decode_tokens - 1) / max(full - one, 1e-9))
+                    key = name + ("+telemetry" if telemetry else "")
+                    samples[key].append(setup.batch * (args.decode_tokens - 1) / max(full - one, 1e-9))
             print(f"  decode round {round_ + 1}: " + " ".join(
                 f"{n}={s[-1]:.1f}tok/s" for n, s in samples.items() if s), flush=True)  # fmt: skip
         for name in decode_names:
             runs[name]["decode_tokens_per_s"] = statistics.median(samples[name])
             runs[name]["decode_tokens_per_s_all"] = samples[name]
+        if "soft_moa+telemetry" in samples:
+            runs["soft_moa"]["decode_tokens_per_s_telemetry_on"] = statistics.median(
+                samples["soft_moa+telemetry"]
+            )
 
     del runners
     gc.collect()
@@ -540,7 +585,9 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 runs[name]["memory_error"] = probe["error"]
             memory_method = probe.get("method", memory_method)
 
-    device_name = setup.device if setup.device == "cpu" else f"{setup.device} ({torch.cuda.get_device_name()})"
+    device_name = (
+        setup.device if setup.device == "cpu" else f"{setup.device} ({torch.cuda.get_device_name()})"
+    )
     result = {
         "device": device_name,
         "date": datetime.date.today().isoformat(),
@@ -552,13 +599,24 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "tokens_per_step": tokens,
         "precision": f"bf16 autocast, base weights {setup.dtype} (frozen), adapters fp32, AdamW",
         "protocol": {
-            "interleaved": True, "warmup_rounds": args.warmup, "measured_rounds": args.steps,
-            "statistic": "median", "telemetry": "on (except soft_moa_no_telemetry)",
-            "decode": {"prompt_len": min(args.decode_prompt, setup.seq), "new_tokens": args.decode_tokens,
-                       "rounds": args.decode_rounds, "method": "greedy, KV cache, no grad, bf16 autocast; "
-                       "tokens/s = batch x (N-1) / (t(N new tokens) - t(1 new token))"},
+            "interleaved": True,
+            "warmup_rounds": args.warmup,
+            "measured_rounds": args.steps,
+            "statistic": "median",
+            "telemetry": "on (except soft_moa_no_telemetry)",
+            "decode": {
+                "prompt_len": min(args.decode_prompt, setup.seq),
+                "new_tokens": args.decode_tokens,
+                "rounds": args.decode_rounds,
+                "method": "greedy, KV cache, no grad, bf16 autocast, "
+                "PEFT unmerged, MoA router telemetry off (as evaluate_records decodes; soft_moa also "
+                "with it on: decode_tokens_per_s_telemetry_on); "
+                "tokens/s = batch x (N-1) / (t(N new tokens) - t(1 new token))",
+            },
             "memory": {"method": memory_method, "steps": args.mem_steps},
-            "load_average_before": load_before, "load_average_after": os.getloadavg(),
+            "allocator": malloc,
+            "load_average_before": load_before,
+            "load_average_after": os.getloadavg(),
         },  # fmt: skip
         "runs": runs,
         "ratio_vs_peft_lora": compute_ratios(runs, BASELINE),
@@ -623,7 +681,9 @@ def _variant_names(args: argparse.Namespace, device: str) -> list[str]:
 def _probe_tensor(device: str):
     import torch
 
-    return torch.empty(0, device="meta" if device.startswith("cuda") and not torch.cuda.is_available() else device)
+    return torch.empty(
+        0, device="meta" if device.startswith("cuda") and not torch.cuda.is_available() else device
+    )
 
 
 def _setup_from_args(args: argparse.Namespace) -> Setup:
@@ -646,7 +706,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "is installed, else random init of the same shapes; llama-3.1-8b-arch on CUDA)")  # fmt: skip
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=None, help="tokens per sequence (default 128 CPU, 512 CUDA)")
+    parser.add_argument(
+        "--seq", type=int, default=None, help="tokens per sequence (default 128 CPU, 512 CUDA)"
+    )
     parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     parser.add_argument("--base-dtype", default="bfloat16", choices=("bfloat16", "float32", "float16"),
                         help="frozen base weights (adapters are always fp32; compute is bf16 autocast)")  # fmt: skip
@@ -654,12 +716,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-extras", action="store_true", help="only the six variants (a)-(f)")
     parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 8; --quick 3)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; --quick 1)")
-    parser.add_argument("--decode-tokens", type=int, default=None, help="new tokens per decode (0: skip decoding)")
+    parser.add_argument(
+        "--decode-tokens", type=int, default=None, help="new tokens per decode (0: skip decoding)"
+    )
     parser.add_argument("--decode-prompt", type=int, default=64, help="prompt tokens for decoding")
     parser.add_argument("--decode-rounds", type=int, default=None)
     parser.add_argument("--decode-warmup", type=int, default=1)
     parser.add_argument("--mem-steps", type=int, default=None, help="steps per memory probe (0: skip memory)")
-    parser.add_argument("--memory-extras", action="store_true", help="also probe memory of the extra variants")
+    parser.add_argument(
+        "--memory-extras", action="store_true", help="also probe memory of the extra variants"
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench.json", help="where to write the JSON result")
