@@ -26,17 +26,26 @@ def quick_result(tmp_path_factory) -> tuple[dict, str]:
 
 def test_every_variant_is_measured_with_the_documented_schema(quick_result) -> None:
     result, _ = quick_result
-    assert set(result) >= {"device", "runs", "ratio_vs_peft_lora", "ratio_vs_frozen_base", "targets", "machine"}
+    assert set(result) >= {
+        "device",
+        "runs",
+        "ratio_vs_peft_lora",
+        "ratio_vs_frozen_base",
+        "targets",
+        "machine",
+    }
     assert result["device"] == "cpu"
     runs = result["runs"]
     expected = set(bench.MAIN_VARIANTS) | {"soft_moa_no_telemetry"}
     assert expected <= set(runs)
     assert {"sparse_moa_gather", "sparse_moa_dense"} & set(runs)  # the implementation auto does not pick
     tokens = result["batch_size"] * result["seq_len"]
-    for name, run in runs.items():
+    for run in runs.values():
         assert set(run) >= {"step_s", "tokens_per_s", "peak_mem_mb"}
         assert len(run["step_s_all"]) == 2 and run["step_s"] > 0
-        assert run["step_s"] == pytest.approx(sorted(run["step_s_all"])[0] / 2 + sorted(run["step_s_all"])[1] / 2)
+        assert run["step_s"] == pytest.approx(
+            sorted(run["step_s_all"])[0] / 2 + sorted(run["step_s_all"])[1] / 2
+        )
         assert run["tokens_per_s"] == pytest.approx(tokens / run["step_s"])
         assert run["peak_mem_mb"] is None  # --mem-steps 0 skips the memory probes
     assert runs["frozen_base"]["trainable_params"] == 0
@@ -54,7 +63,9 @@ def test_ratios_are_computed_from_the_measured_numbers(quick_result) -> None:
         assert ratios[reference]["step_s"] == pytest.approx(1.0)
         for name, run in runs.items():
             assert ratios[name]["step_s"] == pytest.approx(run["step_s"] / runs[reference]["step_s"])
-            assert ratios[name]["tokens_per_s"] == pytest.approx(run["tokens_per_s"] / runs[reference]["tokens_per_s"])
+            assert ratios[name]["tokens_per_s"] == pytest.approx(
+                run["tokens_per_s"] / runs[reference]["tokens_per_s"]
+            )
             if "decode_tokens_per_s" in run:
                 assert ratios[name]["decode_tokens_per_s"] == pytest.approx(
                     run["decode_tokens_per_s"] / runs[reference]["decode_tokens_per_s"]
@@ -76,8 +87,18 @@ def test_markdown_table_lists_every_run(quick_result) -> None:
 def test_compute_ratios_and_targets_on_known_numbers() -> None:
     runs = {
         "frozen_base": {"step_s": 2.0, "tokens_per_s": 500.0, "peak_mem_mb": 1000.0},
-        "peft_lora_r16": {"step_s": 2.5, "tokens_per_s": 400.0, "peak_mem_mb": 1100.0, "decode_tokens_per_s": 50.0},
-        "soft_moa": {"step_s": 2.75, "tokens_per_s": 1000 / 2.75, "peak_mem_mb": 1300.0, "decode_tokens_per_s": 40.0},
+        "peft_lora_r16": {
+            "step_s": 2.5,
+            "tokens_per_s": 400.0,
+            "peak_mem_mb": 1100.0,
+            "decode_tokens_per_s": 50.0,
+        },
+        "soft_moa": {
+            "step_s": 2.75,
+            "tokens_per_s": 1000 / 2.75,
+            "peak_mem_mb": 1300.0,
+            "decode_tokens_per_s": 40.0,
+        },
         "sparse_moa": {"step_s": 2.5, "tokens_per_s": 400.0, "peak_mem_mb": None},
     }
     vs_peft = bench.compute_ratios(runs, "peft_lora_r16")
@@ -106,8 +127,14 @@ def test_memory_probe_runs_in_a_fresh_process() -> None:
 
 def test_variants_are_the_issue_configs() -> None:
     soft, sparse = bench.moa_config("soft_moa"), bench.moa_config("sparse_moa")
-    assert soft.lora_rank == 8 and soft.pa_size == 16 and soft.prompt_len == 10 and soft.router.kind == "swiglu"
-    assert sparse.prompt_len == 0 and sparse.router.selection == "threshold" and sparse.router.max_threshold == 0.5
+    assert (
+        soft.lora_rank == 8 and soft.pa_size == 16 and soft.prompt_len == 10 and soft.router.kind == "swiglu"
+    )
+    assert (
+        sparse.prompt_len == 0
+        and sparse.router.selection == "threshold"
+        and sparse.router.max_threshold == 0.5
+    )
     assert bench.moa_config("molora_8").lora_experts == 8
     top2 = bench.moa_config("top2_moe_lora")
     assert top2.lora_experts == 8 and top2.site_router.selection == "topk" and top2.site_router.top_k == 2

@@ -8,6 +8,7 @@ from torch import nn
 
 from core_helpers import randomize_adapters
 from moa_train import MoAConfig, RouterConfig, get_moa_model
+from moa_train.experts.mixing import GATHER_BUCKETS, padded_rows
 from tiny_models import tiny_model
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
@@ -18,14 +19,14 @@ def sparse_config(**router) -> MoAConfig:
 
 
 class Spy(nn.Module):
-    """An expert that records how many rows it was given and returns ones."""
+    """An expert that records the rows it was given and returns ones."""
 
     def __init__(self) -> None:
         super().__init__()
-        self.rows = []
+        self.inputs = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        self.rows.append(x.reshape(-1, x.shape[-1]).shape[0])
+        self.inputs.append(x.reshape(-1, x.shape[-1]).clone())
         return torch.ones(*x.shape[:-1], 3)
 
 
@@ -47,7 +48,31 @@ def test_skipped_tokens_contribute_exactly_zero_and_never_reach_the_expert(impl:
     gate = layer.weights[..., layer.slot_index["pa"]]
     assert torch.equal(out[~keep], torch.zeros_like(out[~keep]))
     torch.testing.assert_close(out[keep], gate[keep][:, None].expand(-1, 3))
-    assert spy.rows == [int(keep.sum())] if impl == "gather" else spy.rows == [24]
+    (fed,) = spy.inputs
+    if impl == "dense":
+        assert fed.shape[0] == 24
+        return
+    # gather: every kept token, and no skipped one (padding up to a shape bucket repeats a kept row)
+    kept, skipped = x[keep], x[~keep]
+    assert all(any(torch.equal(row, k) for k in kept) for row in fed)
+    assert all(any(torch.equal(k, row) for row in fed) for k in kept)
+    assert not any(torch.equal(row, s) for row in fed for s in skipped)
+
+
+def test_padded_rows_bound_the_shapes_and_pad_with_a_kept_row() -> None:
+    total = 1024
+    sizes = set()
+    for n in range(1, total + 1):
+        keep = torch.zeros(total, dtype=torch.bool)
+        keep[torch.randperm(total, generator=torch.Generator().manual_seed(n))[:n]] = True
+        rows, real = padded_rows(keep)
+        assert real == n and n <= rows.numel() <= min(total, n + total // GATHER_BUCKETS)
+        assert keep[rows].all()
+        assert torch.equal(rows[:n], keep.nonzero().squeeze(1))
+        sizes.add(rows.numel())
+    assert len(sizes) <= GATHER_BUCKETS
+    rows, real = padded_rows(torch.zeros(8, dtype=torch.bool))
+    assert real == 0 and rows.numel() == 0
 
 
 def test_gather_and_dense_masked_paths_agree() -> None:

@@ -15,7 +15,7 @@ from torch import nn
 
 from moa_train.config import LORA_SITES, SLOT_ORDER, MoAConfig
 from moa_train.experts import LoRAExperts, ParallelAdapter, PromptExpert
-from moa_train.experts.mixing import gather_rows
+from moa_train.experts.mixing import padded_rows, zero_padding
 from moa_train.routers import Router, RouterOutput
 
 
@@ -184,9 +184,9 @@ class MoALayer(nn.Module):
         gated = getattr(expert, "delta", None)
         if self.keep is not None and self._state.use_gather(x):
             keep = self.keep[..., i].expand(x.shape[:-1])
-            rows = gather_rows(keep)
+            rows, n = padded_rows(keep)
             flat = x.reshape(-1, x.shape[-1])
-            gate = self.weights[..., i].expand(x.shape[:-1]).reshape(-1)[rows, None]
+            gate = zero_padding(self.weights[..., i].expand(x.shape[:-1]).reshape(-1)[rows, None], n)
             if gated is not None:
                 selected = gated(flat[rows], gate)
             else:

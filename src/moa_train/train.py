@@ -147,6 +147,10 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     precision = str(tc.precision)
     if precision not in PRECISIONS:
         raise MoATrainError(f"trainer.precision={precision!r} is not known; choose one of bf16, fp16, fp32")
+    # the data is read before the model loads, so a bad data path fails in a second, not after the load
+    from moa_train.data import load_splits
+
+    splits = load_splits(cfg.data)
     base, tokenizer = load_base_model(cfg.model)
     base.to(device=processes.device, dtype=PRECISIONS[precision])
     model = get_moa_model(base, MoAConfig.from_dict(_plain(cfg.moa)))
@@ -162,7 +166,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     )
 
     # ---- data: encoded once, batches planned per epoch from data.seed ------------------------------
-    plan = BatchPlan(cfg, tokenizer, world, rank)
+    plan = BatchPlan(cfg, tokenizer, world, rank, splits)
 
     # ---- optimizer, schedule, loss scaling --------------------------------------------------------
     lr = learning_rate(cfg.optimizer, plan.global_batch)
@@ -327,11 +331,13 @@ class StepBatch:
 class BatchPlan:
     """Encodes the training split once and lays out global batches per epoch (host only)."""
 
-    def __init__(self, cfg: DictConfig, tokenizer: Any, world: int, rank: int) -> None:
+    def __init__(
+        self, cfg: DictConfig, tokenizer: Any, world: int, rank: int, splits: dict[str, list] | None = None
+    ) -> None:
         from moa_train.data import TrainCollator, encode_dataset, load_splits
 
         tc, dc = cfg.trainer, cfg.data
-        splits = self.splits = load_splits(dc)
+        splits = self.splits = splits if splits is not None else load_splits(dc)
         self.examples, stats = encode_dataset(
             splits["train"], tokenizer, int(dc.max_len), bool(dc.get("train_on_inputs", False))
         )

@@ -15,7 +15,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
-from moa_train.experts.mixing import autocast_off, autocasting, few_rows_on_cpu, gather_rows, weight_hidden
+from moa_train.experts.mixing import (
+    autocast_off,
+    autocasting,
+    few_rows_on_cpu,
+    padded_rows,
+    weight_hidden,
+    zero_padding,
+)
 from moa_train.routers import Router
 
 
@@ -96,9 +103,8 @@ class LoRAExperts(nn.Module):
         out = flat.new_zeros(flat.shape[0], self.B.shape[0], dtype=self.A.dtype)
         r = self.rank
         for e in range(self.num_experts):
-            rows = gather_rows(keep[..., e])
+            rows, n = padded_rows(keep[..., e])
             a = self.A if self.shared_a else self.A[e * r : (e + 1) * r]
-            delta = F.linear(F.linear(flat[rows], a), self.B[:, e * r : (e + 1) * r])
-            out.index_add_(0, rows, delta * (w[rows, e : e + 1] * self.scale))
+            hidden = F.linear(flat[rows], a) * zero_padding(w[rows, e : e + 1] * self.scale, n)
+            out.index_add_(0, rows, F.linear(hidden, self.B[:, e * r : (e + 1) * r]).to(out.dtype))
         return out.reshape(*x.shape[:-1], -1)
-
