@@ -84,12 +84,15 @@ class PromptExpert(nn.Module):
     def _decode_step(self, query, keys_t, values, token_gate) -> torch.Tensor:
         """One new token per sequence, no gradient: the same sums as _forward in about half the ops (perf:
         decoding runs this once per layer and token, where the per-op overhead dominates)."""
-        probs = torch.softmax(torch.matmul(query, keys_t).float(), dim=-1)  # [B, h, 1, L]
+        # heads as the bmm batch and the B tokens as rows: the [heads, ...] prompt keys/values are used as
+        # they are, where a [B, heads, 1, hd] query would make matmul broadcast (copy) them B times
+        q = query[:, :, 0].transpose(0, 1)  # [h, B, hd]
+        probs = torch.softmax(torch.bmm(q, keys_t).float(), dim=-1)  # [h, B, L]
         coef = self.head_gate[0][:, None, None]  # [h, 1, 1]
         if token_gate is not None:  # [B, 1, 1] gate column
-            coef = coef * token_gate.view(-1, 1, 1, 1)
-        out = torch.matmul((probs * coef).to(query.dtype), values)  # [B, h, 1, hd]
-        return out.transpose(1, 2)
+            coef = coef * token_gate.view(1, -1, 1)
+        out = torch.bmm((probs * coef).to(query.dtype), values)  # [h, B, hd]
+        return out.transpose(0, 1).unsqueeze(1)  # [B, 1, h, hd]
 
     def _keys_values(
         self, attn: nn.Module, heads: int, head_dim: int, dtype: torch.dtype
