@@ -324,29 +324,13 @@ class Runner:
 # ----------------------------------------------------------------------------------------------------
 
 
-def _status_kb(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-        return True
-    except OSError:
-        return False
-
-
 def memory_probe(setup: Setup, name: str, steps: int) -> dict:
     """Peak memory of ``steps`` training steps of one variant (run in its own process)."""
     import resource
 
     import torch
+
+    from moa_train.memory import reset_peak_memory, status_kb
 
     base, tokenizer, _ = build_base(setup)
     batch = make_batch(tokenizer, base.config.vocab_size, setup.batch, setup.seq, setup.seed, setup.device)
@@ -364,11 +348,11 @@ def memory_probe(setup: Setup, name: str, steps: int) -> dict:
             method="torch.cuda.max_memory_allocated during the steps (weights included)",
         )  # fmt: skip
         return result
-    reset = _reset_peak_rss()
-    start = _status_kb("VmRSS")
+    reset = reset_peak_memory("cpu")
+    start = status_kb("VmRSS")
     for _ in range(steps):
         runner.step(batch)
-    peak = _status_kb("VmHWM") if reset else None
+    peak = status_kb("VmHWM") if reset else None
     if peak is None:  # no /proc: lifetime peak (includes model loading)
         peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         method = "ru_maxrss of a fresh process (lifetime peak, includes loading)"

@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moa_train.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from moa_train.errors import MoATrainError
+from moa_train.memory import peak_memory_mb, reset_peak_memory
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +143,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     set_seed(int(cfg.seed) + rank)  # the init seed; the data order has its own seed (data.seed)
     if tc.get("cpu_threads"):  # on a shared CPU, fewer threads avoid spin-waiting on busy cores
         torch.set_num_threads(int(tc.cpu_threads))
+    reset_peak_memory(processes.device)  # this job's peak, not the sweep process's lifetime peak
 
     # ---- model: frozen base in the compute dtype, fp32 adapters ---------------------------------
     precision = str(tc.precision)
@@ -651,15 +653,6 @@ def final_evaluation(
 def read_summary(run_dir: Path) -> dict[str, Any]:
     path = run_dir / "summary.json"
     return json.loads(path.read_text()) if path.is_file() else {}
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    """Peak GPU memory allocated by torch, or on CPU the peak resident size of this process."""
-    if device.type == "cuda":
-        return round(torch.cuda.max_memory_allocated(device) / 2**20, 1)
-    import resource
-
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)  # Linux: KiB
 
 
 def parameter_digest(params: list[torch.Tensor]) -> str:
