@@ -24,6 +24,7 @@ from moa_train.evaluate import (
     load_eval_records,
     load_llm_adapters_file,
     markdown_table,
+    processed_sequences,
     resolve_checkpoint,
     resolve_max_new_tokens,
     run_from_config,
@@ -646,7 +647,7 @@ def test_instance_router_analysis_pools_over_the_prompt_like_generation(tok: Any
     assert torch.allclose(case, case[:, :1].expand_as(case))
 
 
-def test_homogeneous_site_routers_keep_core_stats_without_per_token_analysis(tok: Any) -> None:
+def test_homogeneous_site_routers_get_per_token_analysis_from_their_ffn_down_router(tok: Any) -> None:
     # MoLoRA-style: 3 LoRA experts per site, one router per site -> several router outputs per layer
     cfg = MoAConfig(
         lora_targets=["q", "down"],
@@ -662,7 +663,22 @@ def test_homogeneous_site_routers_keep_core_stats_without_per_token_analysis(tok
     stats = result["router"]["toy"]
     assert stats["tokens"] == stats["processed_tokens"] > 0
     assert stats["experts"] == ["down.e0", "down.e1", "down.e2"]
-    assert stats["inter_expert_std"] is None and result["router_cases"] == []
+    # the inter-expert std and router_case come from the same router as the stats: the down site's
+    record = records_of(3)[0]
+    out = generate(model, tok, [record], decoding=DecodingConfig(), batch_size=1, max_new_tokens=3)
+    ids = torch.tensor(processed_sequences(out))  # what the analysis forward re-reads
+    with torch.no_grad(), model.capture_gates(primary_only=True) as down:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    with torch.no_grad(), model.capture_gates() as every:
+        model(input_ids=ids, attention_mask=torch.ones_like(ids))
+    layers = len(stats["layers"])
+    assert len(down) == layers and len(every) == 2 * layers  # q and down routers per layer
+    assert all(torch.equal(d, e) for d, e in zip(down, every[1::2]))  # down runs after q in a layer
+    std = torch.stack([g[0].std(-1, unbiased=False).mean() for g in down]).mean()
+    assert result["router_cases"][0]["index"] == 0
+    assert 0.0 < stats["inter_expert_std"] < 1.0
+    single = evaluate_records(model, tok, [record], max_new_tokens=3, collect_router=True)["router"]["toy"]
+    assert single["inter_expert_std"] == pytest.approx(float(std), abs=1e-5)
 
 
 def test_heldout_reproduces_a_bf16_runs_final_evaluation_exactly(tmp_path: Path) -> None:

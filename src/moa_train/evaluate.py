@@ -530,11 +530,8 @@ def processed_sequences(out: GenerationOutput) -> list[list[int]]:
 
 
 def _layer_gates(captured: Sequence[Any], num_layers: int) -> list[torch.Tensor] | None:
-    """Per-layer gate tensors [B, T|1, E] of ONE forward from what ``capture_gates()`` collected.
-
-    None when the count does not match the routed layers: homogeneous baselines also capture their
-    per-site routers, and a flat list does not say which one is a layer's primary router.
-    """
+    """Per-layer gate tensors [B, T|1, E] of ONE forward from what ``capture_gates(primary_only=True)``
+    collected (the routers ``router_stats()`` reports, one per routed layer); None if the count differs."""
     flat: list[torch.Tensor] = []
     for item in captured:
         flat.extend(item if isinstance(item, list | tuple) else [item])
@@ -564,7 +561,7 @@ def _analysis_forward(
     extra = (
         {"logits_to_keep": 1} if _accepts(model, "logits_to_keep") else {}
     )  # gates only: skip [B, T, V] logits
-    with model.capture_gates() as captured:
+    with model.capture_gates(primary_only=True) as captured:
         model(
             input_ids=ids.to(device),
             attention_mask=mask.to(device),

@@ -31,6 +31,7 @@ class MoAState:
         self.is_prefill = True  # False on decoding steps that reuse a KV cache
         self.collect_stats = True
         self.capture: list[torch.Tensor] | None = None
+        self.capture_only: set[int] | None = None  # ids of the routers to capture (None: all)
         self.aux: dict[str, tuple[torch.Tensor, float]] = {}
 
     def add_aux(self, name: str, loss: torch.Tensor, coef: float) -> None:

@@ -149,14 +149,21 @@ class MoAModel(nn.Module):
                 module.telemetry.reset()
 
     @contextlib.contextmanager
-    def capture_gates(self) -> Iterator[list[torch.Tensor]]:
-        """Collect every router's weights ([B, T, E] per layer, in call order) while the block runs."""
+    def capture_gates(self, primary_only: bool = False) -> Iterator[list[torch.Tensor]]:
+        """Collect router weights ([B, T, E]) in call order while the block runs.
+
+        ``primary_only``: only each layer's primary router, the one ``router_stats()`` reports (the block
+        router, else the FFN-down site router), so a forward yields exactly one tensor per routed layer
+        also for homogeneous per-site baselines (MoLoRA, Top-K, ...), whose sites each have a router.
+        """
         captured: list[torch.Tensor] = []
-        self._state.capture = captured
+        state = self._state
+        state.capture = captured
+        state.capture_only = {id(r) for _, _, r, _ in self._primary_routers()} if primary_only else None
         try:
             yield captured
         finally:
-            self._state.capture = None
+            state.capture, state.capture_only = None, None
 
     @contextlib.contextmanager
     def disable_adapters(self) -> Iterator[None]:

@@ -128,7 +128,8 @@ class Router(nn.Module):
         if state is not None and state.collect_stats and not in_backward():
             self.telemetry.update(out.weights, out.keep, out.probs, out.threshold, mask)
         if state is not None and state.capture is not None and not in_backward():
-            state.capture.append(out.weights.detach())
+            if state.capture_only is None or id(self) in state.capture_only:
+                state.capture.append(out.weights.detach())
 
     def _aux(self, logits: torch.Tensor, out: RouterOutput, mask: torch.Tensor | None) -> None:
         """Aux losses only when a coefficient asks for them and gradients are on (training)."""
