@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -46,7 +47,11 @@ def test_kill9_then_resume_matches_an_uninterrupted_run(tmp_path: Path) -> None:
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     done = run_cli("moa-train", *ARGS, f"hydra.run.dir={reference}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "training 16 steps" in (reference / "train.log").read_text()
+    log_text = (reference / "train.log").read_text()
+    assert "training 16 steps" in log_text
+    # no terminal: a plain progress line per log step instead of a redrawn bar
+    assert re.search(r"step 16/16  loss \d+\.\d{4}  lr \S+  \d+ tok/s  ETA 0s", log_text)
+    assert "\r" not in done.stderr
 
     _kill_after_first_checkpoint(victim, tmp_path)
     killed_at = max(r["step"] for r in read_metrics(victim) if "train/loss" in r)

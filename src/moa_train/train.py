@@ -199,7 +199,11 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
         state.wandb_id = getattr(logger.backend, "id", None) or state.wandb_id
     telemetry = Telemetry(cfg, run_dir, logger)
     model_node = OmegaConf.to_container(cfg.model, resolve=True)
-    progress = _progress_bar(main and bool(tc.get("progress_bar", True)), total_steps, state.step)
+    # a live bar on a terminal; piped into a file (CI, nohup, a cluster's job log) a \r-redrawn bar is one
+    # endless line, so there each log step writes a plain line with the same fields instead
+    show_bar = main and bool(tc.get("progress_bar", True)) and sys.stderr.isatty()
+    progress = _progress_bar(show_bar, total_steps, state.step)
+    first_step, loop_started = state.step, time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
 
     # ---- train -----------------------------------------------------------------------------------
@@ -262,6 +266,13 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
                 progress.set_postfix(
                     loss=f"{metrics['train/loss']:.4f}", tok_s=f"{metrics['train/tokens_per_s']:.0f}"
                 )
+                if main and not show_bar:
+                    per_step = (time.perf_counter() - loop_started) / (state.step - first_step)
+                    log.info(
+                        "step %d/%d  loss %.4f  lr %.3g  %.0f tok/s  ETA %s", state.step, total_steps,
+                        metrics["train/loss"], lr_now, metrics["train/tokens_per_s"],
+                        _duration(per_step * (total_steps - state.step)),
+                    )  # fmt: skip
             if tc.save_every_steps and state.step % int(tc.save_every_steps) == 0:
                 state.train_seconds += time.perf_counter() - started
                 started = time.perf_counter()
@@ -669,6 +680,14 @@ def parameter_digest(params: list[torch.Tensor]) -> str:
 
 def _plain(node: Any) -> dict[str, Any]:
     return OmegaConf.to_container(node, resolve=True) if OmegaConf.is_config(node) else dict(node)
+
+
+def _duration(seconds: float) -> str:
+    """``1h02m``, ``4m05s`` or ``12s``."""
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
 
 
 def _progress_bar(enabled: bool, total: int, initial: int) -> Any:
