@@ -116,3 +116,18 @@ def test_configs_resolve_from_a_wheel(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "name: tiny" in result.stdout
+
+
+def test_bad_trainer_values_fail_before_the_model_loads(tmp_path: Path) -> None:
+    for override, expected in (
+        ("trainer.progress_bar=sometimes", "trainer.progress_bar='sometimes' is not known"),
+        ("trainer.precision=int8", "trainer.precision='int8' is not known"),
+        ("data.train_path=/nonexistent/train.json", "data file not found: /nonexistent/train.json"),
+    ):
+        extra = ["data=custom"] if override.startswith("data.") else []
+        run_dir = tmp_path / override.split("=")[0]
+        result = run_cli("moa-train", *TINY, *extra, override, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+        assert result.returncode == 2, override
+        assert expected in _error_line(result.stderr)
+        log = (run_dir / "train.log").read_text()
+        assert "trainable parameters" not in log, log  # stopped before the model was built

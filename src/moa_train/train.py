@@ -149,6 +149,9 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     precision = str(tc.precision)
     if precision not in PRECISIONS:
         raise MoATrainError(f"trainer.precision={precision!r} is not known; choose one of bf16, fp16, fp32")
+    bar = tc.get("progress_bar", "auto")
+    if bar not in (True, False, "auto"):
+        raise MoATrainError(f"trainer.progress_bar={bar!r} is not known; choose auto, true or false")
     # the data is read before the model loads, so a bad data path fails in a second, not after the load
     from moa_train.data import load_splits
 
@@ -201,7 +204,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     model_node = OmegaConf.to_container(cfg.model, resolve=True)
     # a live bar on a terminal; piped into a file (CI, nohup, a cluster's job log) a \r-redrawn bar is one
     # endless line, so there each log step writes a plain line with the same fields instead
-    show_bar = main and bool(tc.get("progress_bar", True)) and sys.stderr.isatty()
+    show_bar = main and (bar is True or (bar == "auto" and sys.stderr.isatty()))
     progress = _progress_bar(show_bar, total_steps, state.step)
     first_step, loop_started = state.step, time.perf_counter()
     trainable = [p for p in model.parameters() if p.requires_grad]
