@@ -119,21 +119,6 @@ class MoALayer(nn.Module):
                 None if slot_to_output is None else torch.tensor(slot_to_output),
                 persistent=False,
             )
-        # Single-expert LoRA sites that read one input tensor (q/k/v the attention input, up/gate the FFN
-        # input) share one A GEMM when gated by the block router (LoRAExperts.shared_input_hidden).
-        self.shared_input: dict[str, tuple[str, ...]] = {}
-        for group in (("q", "k", "v"), ("up", "gate")):
-            sites = tuple(t for t in group if t in self.lora)
-            experts = [self.lora[t] for t in sites]
-            if len(sites) > 1 and all(
-                e.num_experts == 1 and isinstance(e.dropout, nn.Identity) and e.rank == experts[0].rank
-                and e.scale == experts[0].scale and e.A.shape[1] == experts[0].A.shape[1]
-                for e in experts
-            ):  # fmt: skip
-                index = [self.slot_index[t] for t in sites]
-                assert index == list(range(index[0], index[0] + len(index))), "group slots must be adjacent"
-                self.shared_input.update({t: sites for t in sites})
-        self._shared: tuple | None = None  # (input x, {site: gated hidden}) of the current layer call
         self.weights: torch.Tensor | None = None  # [B, T or 1, S] of the current forward
         self._columns: tuple | None = None  # (weights, its S [B, T or 1, 1] column views)
         self.keep: torch.Tensor | None = None
@@ -146,7 +131,7 @@ class MoALayer(nn.Module):
         if self.prompt is not None and self.prompt.router is not None:
             self.__dict__["_attn_input"] = decoder_layer.input_layernorm(h)
         if self.router is None:
-            self.__dict__.update(weights=None, keep=None, _columns=None, _shared=None)
+            self.__dict__.update(weights=None, keep=None, _columns=None)
             return
         x = h if cfg.input == "residual" else decoder_layer.input_layernorm(h)
         mask = state.token_mask
@@ -160,7 +145,7 @@ class MoALayer(nn.Module):
             keep = None if keep is None else keep[..., self.slot_to_output]
         # Per-forward state goes straight into __dict__: nn.Module.__setattr__ costs ~10 us a call, which
         # adds up per layer while decoding (perf). These names are plain attributes (set in __init__).
-        self.__dict__.update(weights=weights, keep=keep, _columns=None, _shared=None)
+        self.__dict__.update(weights=weights, keep=keep, _columns=None)
 
     def _route_instance(self, x: torch.Tensor, mask: torch.Tensor | None) -> RouterOutput:
         """One gate vector per sequence: masked mean over the prompt at prefill, reused while decoding."""
@@ -210,25 +195,11 @@ class MoALayer(nn.Module):
                 selected = selected * gate.to(selected.dtype)
             out = selected.new_zeros(flat.shape[0], selected.shape[-1]).index_add_(0, rows, selected)
             return out.reshape(*x.shape[:-1], -1)
-        if slot in self.shared_input:
-            return expert.up(self._shared_hidden(slot, x))
         gate = self.gate_column(i)
         if gated is not None:
             return gated(x, gate)
         out = expert(x)
         return out * gate.to(out.dtype)
-
-    def _shared_hidden(self, slot: str, x: torch.Tensor) -> torch.Tensor:
-        """Slot's gated LoRA hidden, computed once for all sites of its group that read this same x."""
-        shared = self._shared
-        if shared is None or shared[0] is not x:
-            sites = self.shared_input[slot]
-            first = self.slot_index[sites[0]]  # a group's slots are adjacent in SLOT_ORDER: a view, no copy
-            gates = self.weights[..., first : first + len(sites)]
-            hidden = LoRAExperts.shared_input_hidden([self.lora[t] for t in sites], x, gates)
-            shared = (x, dict(zip(sites, hidden)))
-            self.__dict__["_shared"] = shared
-        return shared[1][slot]
 
     def prompt_delta(self, attn: nn.Module, query: torch.Tensor) -> torch.Tensor:
         """Gated prompt-attention output [B, T, heads, head_dim] (always dense: spec B.2).

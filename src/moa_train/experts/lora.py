@@ -96,35 +96,6 @@ class LoRAExperts(nn.Module):
         weights = (weights if self.scale == 1.0 else weights * self.scale).to(hidden.dtype)
         return F.linear(weight_hidden(hidden, weights, self.rank, self.shared_a), self.B)
 
-    def up(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The second projection of a single-expert site: ``B hidden`` for a gated, scaled rank-r hidden."""
-        return F.linear(hidden, self.B)
-
-    @staticmethod
-    def shared_input_hidden(
-        experts: list[LoRAExperts], x: torch.Tensor, gates: torch.Tensor
-    ) -> tuple[torch.Tensor, ...]:
-        """Gated, scaled rank-r hiddens of single-expert sites that read the same input x (q/k/v; up/gate).
-
-        gates: [..., n] (one column per site, in ``experts`` order). Perf: one GEMM with the stacked A
-        matrices reads x once instead of n times, forward and for the input gradient, and one product
-        applies the n gates; each site then runs its own B (``up``). The same sums as ``delta`` per site.
-        """
-        first = experts[0]
-        if few_rows_on_cpu(x):  # decoding on CPU: fp32 without autocast is faster (see FEW_ROWS)
-            with autocast_off():
-                return LoRAExperts._shared_hidden(experts, first._input(x), gates)
-        return LoRAExperts._shared_hidden(experts, first._input(x), gates)
-
-    @staticmethod
-    def _shared_hidden(experts: list[LoRAExperts], x: torch.Tensor, gates: torch.Tensor) -> tuple:
-        first = experts[0]
-        hidden = F.linear(x, torch.cat([e.A for e in experts]))  # [..., n*r]
-        gates = gates if gates.dtype == hidden.dtype else gates.to(hidden.dtype)
-        if first.scale != 1.0:
-            gates = gates * first.scale
-        return (hidden.unflatten(-1, (len(experts), first.rank)) * gates.unsqueeze(-1)).unbind(-2)
-
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Run each expert only on the tokens that selected it (Top-K / AdaMoLE sparse execution)."""
         flat = x.reshape(-1, x.shape[-1])
