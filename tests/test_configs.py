@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 from moa_train import MoAConfig
 
 CONFIGS = Path(str(importlib.resources.files("moa_train.configs")))
+REPO_ROOT = Path(__file__).resolve().parents[1]
 GROUPS = [
     "model", "experts", "router", "data", "optimizer", "scheduler",
     "trainer", "logger", "launcher", "experiment", "hydra", "debug",
@@ -29,6 +30,17 @@ def test_configs_are_shipped_in_the_package() -> None:
     assert (CONFIGS / "train.yaml").is_file()
     for group in GROUPS:
         assert options(group), f"config group {group}/ is empty or missing"
+
+
+def test_every_config_group_is_a_listed_package() -> None:
+    """pyproject lists packages explicitly; a group folder missing there would be left out of the wheel."""
+    tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
+
+    listed = set(tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {
+        p.name for p in (REPO_ROOT / "configs").iterdir() if p.is_dir() and not p.name.startswith("__")
+    }
+    assert {f"moa_train.configs.{g}" for g in folders} <= listed
 
 
 @pytest.mark.parametrize("group", GROUPS)
