@@ -479,8 +479,9 @@ def unpin_malloc() -> str | None:
     """Back to glibc's default thresholds (128 KiB), for the decoding phase.
 
     Decoding allocates many mid-sized blocks per token (logits rows, growing KV caches); served from a
-    pinned heap it ran ~11 % slower for every variant, and Soft MoA ~20 %, than in a process with the
-    defaults, which is how moa-eval and users decode (measured: Soft MoA 0.91 vs 0.96 x PEFT LoRA).
+    pinned heap it ran ~11 % slower for PEFT LoRA, and Soft MoA ~18 %, than in a process with the
+    defaults, which is how moa-eval and users decode (measured: Soft MoA 0.91 x PEFT LoRA pinned, 0.96 with
+    the defaults restored).
     """
     ok = _mallopt(128 * 1024, 128 * 1024)
     return "glibc default thresholds (M_MMAP_THRESHOLD, M_TRIM_THRESHOLD 128 KiB)" if ok else None
