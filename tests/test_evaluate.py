@@ -30,27 +30,11 @@ from moa_train.evaluate import (
     run_from_config,
 )
 from moa_train.extract import rule_for
+from tiny_models import CHARS, char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 LLM_ADAPTERS = REPO.parent / "shared" / "data" / "llm_adapters"
-CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-
-
 # -- tiny models -------------------------------------------------------------------------------------------
-
-
-def char_tokenizer() -> Any:
-    """One token per character (+ <pad>, <s>, </s>); no network, no cache, built in milliseconds."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 ARCH = {

@@ -14,24 +14,11 @@ pytest.importorskip("lm_eval")
 from moa_train import MoAConfig, get_moa_model  # noqa: E402
 from moa_train.errors import MoATrainError  # noqa: E402
 from moa_train.lm_eval_backend import run_lm_eval, summarize_task  # noqa: E402
+from tiny_models import CHARS, char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TASKS = REPO / "tests" / "fixtures" / "lm_eval"
 DOCS = [json.loads(line) for line in (TASKS / "tiny_qa.jsonl").read_text().splitlines()]
-CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
-
-
-def char_tokenizer() -> Any:
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    backend.decoder = decoders.Fuse()
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
-    )
 
 
 def tiny_moa() -> torch.nn.Module:

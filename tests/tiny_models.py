@@ -38,3 +38,20 @@ def tiny_model(
     with torch.no_grad():
         model.get_input_embeddings().weight.normal_(0, 1.0)
     return model.eval()
+
+
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]  # char_tokenizer's vocabulary, after 4 special tokens
+
+
+def char_tokenizer():
+    """One token per character (+ <pad>, <s>, </s>, <unk>); no network, no cache, built in milliseconds."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3} | {c: i + 4 for i, c in enumerate(CHARS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )

@@ -94,12 +94,7 @@ def _seed_of(overrides: list[str], job_dir: Path) -> str | None:
     for o in overrides:
         if _override_key(o) in SEED_KEYS:
             return o.split("=", 1)[1]
-    config = job_dir / ".hydra" / "config.yaml"
-    if config.is_file():
-        match = re.search(r"^seed:\s*(\S+)", config.read_text(encoding="utf-8", errors="replace"), re.M)
-        if match:
-            return match.group(1)
-    return None
+    return _job_config_value(job_dir, "seed")
 
 
 def _failure_reason(job_dir: Path, summary: dict[str, Any]) -> str:
@@ -298,15 +293,19 @@ def method_labels(jobs: list[Job]) -> list[str]:
         parts = [o.split("=", 1)[1] if _override_key(o) in ("experiment", "+experiment") else o for o in rest]
         experiment = [o.split("=", 1)[1] for o in own if _override_key(o) in ("experiment", "+experiment")]
         job.method = (
-            " ".join(parts) or (experiment[0] if experiment else _config_name(job.path)) or "(default)"
+            " ".join(parts)
+            or (experiment[0] if experiment else _job_config_value(job.path, "name"))
+            or "(default)"
         )
     return common
 
 
-def _config_name(job_dir: Path) -> str | None:
+def _job_config_value(job_dir: Path, key: str) -> str | None:
+    """A top-level scalar of the job's composed config (``.hydra/config.yaml``), read as text."""
     config = job_dir / ".hydra" / "config.yaml"
     if config.is_file():
-        match = re.search(r"^name:\s*(\S+)", config.read_text(encoding="utf-8", errors="replace"), re.M)
+        text = config.read_text(encoding="utf-8", errors="replace")
+        match = re.search(rf"^{re.escape(key)}:\s*(\S+)", text, re.M)
         if match:
             return match.group(1)
     return None
