@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 
 from conftest import TINY, compose_config, train_in_process
+from moa_train.data import load_splits
 from moa_train.errors import MoATrainError
 from moa_train.logging import Backend, RunLogger, make_logger, read_metrics
 from moa_train.train import (
@@ -104,7 +105,8 @@ def tokenizer():
 
 
 def _plan(tokenizer, overrides: list[str], world: int = 1, rank: int = 0) -> BatchPlan:
-    return BatchPlan(compose_config(TINY + overrides), tokenizer, world, rank)
+    cfg = compose_config(TINY + overrides)
+    return BatchPlan(cfg, tokenizer, world, rank, load_splits(cfg.data))
 
 
 def test_batch_plan_shards_one_global_batch_over_processes(tokenizer) -> None:

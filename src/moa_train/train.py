@@ -348,12 +348,12 @@ class BatchPlan:
     """Encodes the training split once and lays out global batches per epoch (host only)."""
 
     def __init__(
-        self, cfg: DictConfig, tokenizer: Any, world: int, rank: int, splits: dict[str, list] | None = None
+        self, cfg: DictConfig, tokenizer: Any, world: int, rank: int, splits: dict[str, list]
     ) -> None:
-        from moa_train.data import TrainCollator, encode_dataset, load_splits
+        from moa_train.data import TrainCollator, encode_dataset
 
         tc, dc = cfg.trainer, cfg.data
-        splits = self.splits = splits if splits is not None else load_splits(dc)
+        self.splits = splits  # read by the caller before the model loads
         self.examples, stats = encode_dataset(
             splits["train"], tokenizer, int(dc.max_len), bool(dc.get("train_on_inputs", False))
         )
