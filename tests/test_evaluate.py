@@ -1,4 +1,4 @@
-"""evaluate.py: batched generation, scoring, router analysis, moa-eval outputs and errors.
+"""moa_train.eval: batched generation, scoring, router analysis, moa-eval outputs and errors.
 
 Tiny random Llama models and a character-level tokenizer keep every test on CPU in seconds; the
 real LLM-Adapters test files (../shared/data/llm_adapters) run through the whole pipeline when present.
@@ -17,18 +17,18 @@ from omegaconf import OmegaConf
 
 from moa_train import MoAConfig, get_moa_model
 from moa_train.errors import MoATrainError
-from moa_train.evaluate import (
+from moa_train.eval import (
     DecodingConfig,
     evaluate_records,
     generate,
     load_eval_records,
     load_llm_adapters_file,
     markdown_table,
-    processed_sequences,
     resolve_checkpoint,
-    resolve_max_new_tokens,
     run_from_config,
 )
+from moa_train.eval.router_analysis import processed_sequences
+from moa_train.eval.scoring import resolve_max_new_tokens
 from moa_train.extract import rule_for
 from tiny_models import CHARS, char_tokenizer
 
@@ -521,7 +521,7 @@ def test_resolve_checkpoint_prefers_final_then_newest_step(tmp_path: Path) -> No
 def test_wandb_logging_is_offline_safe(tmp_path: Path, tok: Any, monkeypatch: Any) -> None:
     import wandb
 
-    from moa_train.evaluate import log_to_wandb
+    from moa_train.eval.outputs import log_to_wandb
 
     results = {
         "eval": "custom",
@@ -581,7 +581,7 @@ def test_real_llm_adapters_files_through_the_pipeline(tmp_path: Path, tok: Any) 
 
 
 def test_run_settings_follow_the_training_run(tmp_path: Path) -> None:
-    from moa_train.evaluate import find_run_config, resolve_run_settings
+    from moa_train.eval.checkpoints import find_run_config, resolve_run_settings
 
     run = tmp_path / "run"
     _write(run / "final" / "adapter_config.json", {})

@@ -112,7 +112,7 @@ def test_generate_until_task_uses_model_generate() -> None:
 def test_moa_eval_lm_eval_preset_writes_results_json(tmp_path: Path) -> None:
     from omegaconf import OmegaConf
 
-    from moa_train.evaluate import run_from_config
+    from moa_train.eval import run_from_config
 
     tok_dir = tmp_path / "tok"
     char_tokenizer().save_pretrained(tok_dir)

@@ -60,7 +60,7 @@ def _train(cfg: DictConfig) -> Any:
 
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def _eval(cfg: DictConfig) -> Any:
-    from moa_train.evaluate import run_from_config
+    from moa_train.eval import run_from_config
 
     return _job(run_from_config, cfg)
 

@@ -181,7 +181,7 @@ def extract_answer(record_or_rule: Mapping[str, Any] | AnswerRule, text: str) ->
     """Extract the answer from ``text`` for a record (its ``dataset``/``answer_type``) or a rule.
 
     A record of an unknown label dataset must carry its label words (``labels``); otherwise the
-    label set is only known from the whole dataset (see ``evaluate.dataset_rule``).
+    label set is only known from the whole dataset (see ``moa_train.eval.scoring.dataset_rule``).
     """
     if isinstance(record_or_rule, AnswerRule):
         return extract(record_or_rule, text)

@@ -7,7 +7,7 @@ which accepts any causal LM whose forward returns ``.logits`` and which has ``.g
 through ``include_path`` (the ``lm_eval --include_path`` mechanism), so everything runs offline.
 
 Note: lm-eval tasks use their own prompts and mostly log-likelihood scoring; their numbers are not
-comparable with the LLM-Adapters generate-and-extract protocol of :mod:`moa_train.evaluate`.
+comparable with the LLM-Adapters generate-and-extract protocol of :mod:`moa_train.eval`.
 """
 
 from __future__ import annotations

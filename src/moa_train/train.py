@@ -630,7 +630,7 @@ def final_evaluation(
 ) -> dict[str, Any]:
     """Held-out accuracy of the base model (adapters off) and the tuned model with the same
     ``evaluate_records`` that ``moa-eval`` uses; prints ``<name> accuracy: base=<f> tuned=<f>``."""
-    from moa_train.evaluate import evaluate_records
+    from moa_train.eval import evaluate_records
 
     ec = cfg.final_eval
     if not records:
