@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from moa_train.errors import MoATrainError
+from moa_train.parallel import full_tensor, gathered_adapters, shard_like_params
 
 STATE_NAME = "trainer_state.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -113,9 +114,11 @@ def save_checkpoint(
     rng_tensors, rng_json = rng_state()
     save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
     _write_json(tmp / f"rng-rank{rank}.json", rng_json)
+    tensors, meta = optimizer_state(optimizer, model)  # every rank: under FSDP this gathers the shards
+    with gathered_adapters(model):  # FSDP: every rank takes part; the file is the one 1 process writes
+        if main:
+            model.save_pretrained(tmp, extra_config=extra_config)
     if main:
-        model.save_pretrained(tmp, extra_config=extra_config)
-        tensors, meta = optimizer_state(optimizer, model)
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         _write_json(tmp / "optimizer.json", meta)
         _write_json(tmp / "scheduler.json", scheduler.state_dict())
@@ -147,7 +150,7 @@ def optimizer_state(optimizer: torch.optim.Optimizer, model: Any) -> tuple[dict[
     for index, entry in sd["state"].items():
         for key, value in entry.items():
             if isinstance(value, torch.Tensor):
-                tensors[f"{index}.{key}"] = value.detach().contiguous().cpu()
+                tensors[f"{index}.{key}"] = full_tensor(value).detach().contiguous().cpu()
             else:
                 scalars.setdefault(str(index), {})[key] = value
     ordered = [p for group in optimizer.param_groups for p in group["params"]]
@@ -187,7 +190,7 @@ def load_checkpoint(
     scaler: Any | None,
 ) -> TrainState:
     """Restore adapters, optimizer, scheduler, scaler and this process's RNG; return the state."""
-    state = TrainState(**_read_json(path / STATE_NAME))
+    state = TrainState(**read_json(path / STATE_NAME))
     if state.world_size != accelerator.num_processes:
         raise MoATrainError(
             f"{path} was written by {state.world_size} process(es) but this run has "
@@ -196,7 +199,7 @@ def load_checkpoint(
     from moa_train.model import WEIGHTS_NAME
 
     model.load_adapter_weights(load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
-    meta = _read_json(path / "optimizer.json")
+    meta = read_json(path / "optimizer.json")
     here = [n for n, _ in _named_in_order(optimizer, model)]
     if meta["param_names"] != here:
         raise MoATrainError(f"{path}: the optimizer state belongs to other trainable parameters")
@@ -207,15 +210,17 @@ def load_checkpoint(
         per_param.setdefault(int(index), {})[name] = value
     for index, values in meta["scalars"].items():
         per_param.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict({"state": per_param, "param_groups": meta["param_groups"]})
-    scheduler.load_state_dict(_read_json(path / "scheduler.json"))
+    optimizer.load_state_dict(
+        {"state": shard_like_params(optimizer, per_param), "param_groups": meta["param_groups"]}
+    )
+    scheduler.load_state_dict(read_json(path / "scheduler.json"))
     if scaler is not None:
-        scaler_state = _read_json(path / "scaler.json")
+        scaler_state = read_json(path / "scaler.json")
         if scaler_state:
             scaler.load_state_dict(scaler_state)
     rank = accelerator.process_index
     set_rng_state(
-        load_file(str(path / f"rng-rank{rank}.safetensors")), _read_json(path / f"rng-rank{rank}.json")
+        load_file(str(path / f"rng-rank{rank}.safetensors")), read_json(path / f"rng-rank{rank}.json")
     )
     return state
 
@@ -248,7 +253,7 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:

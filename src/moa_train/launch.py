@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import os
+import re
+import signal
 import socket
 import subprocess
 import sys
@@ -20,7 +22,7 @@ from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
-from moa_train.errors import MoATrainError
+from moa_train.errors import EXIT_PREEMPTED, MoATrainError, Preempted, report
 
 log = logging.getLogger(__name__)
 
@@ -35,24 +37,70 @@ def accelerate_command(num_processes: int, run_dir: Path, port: int, extra: list
     return [*cmd, "-m", "moa_train.launch", str(run_dir)]
 
 
-def launch_workers(cfg: DictConfig, run_dir: Path) -> None:
-    """Start the workers on ``run_dir/config.yaml`` and wait; raise if any of them failed."""
+def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path | None = None) -> None:
+    """Start the workers on ``config_path`` (default ``run_dir/config.yaml``) and wait.
+
+    The workers' output goes to ``<run dir>/workers.log``; their log records are echoed here, their
+    tracebacks are not. A failure is summarised in one line (the first worker error); a stop by a
+    signal (the workers saved a checkpoint) raises :class:`Preempted`. A signal sent to this process
+    alone is forwarded to the workers, so that they save before they stop.
+    """
     n = int(cfg.launcher.num_processes)
     if n < 1:
         raise MoATrainError(f"launcher.num_processes must be >= 1, got {n}")
+    config_path = config_path or run_dir / "config.yaml"
     port = int(cfg.launcher.get("main_process_port") or _free_port())
     cmd = accelerate_command(n, run_dir, port, [str(a) for a in cfg.launcher.get("extra_args") or []])
+    cmd.append(str(config_path))
     env = dict(os.environ)
     if str(cfg.trainer.get("device", "auto")) == "cpu" or not _cuda_available():
         env["ACCELERATE_USE_CPU"] = "1"
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
     log.info("launching %d worker(s): %s", n, " ".join(cmd))
-    result = subprocess.run(cmd, env=env)
-    if result.returncode != 0:
-        raise MoATrainError(
-            f"the {n} accelerate worker(s) failed (exit status {result.returncode}); "
-            f"their output is above and in {run_dir / 'train.log'}"
-        )
+    log_path = run_dir / "workers.log"
+    first_error = last_exception = None
+    with open(log_path, "a", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        previous = {s: signal.signal(s, _forward(proc)) for s in STOP_SIGNALS}
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                text = line.rstrip("\n")
+                if text.startswith("error: ") and first_error is None:
+                    first_error = text[len("error: ") :]
+                elif EXCEPTION_LINE.match(text):
+                    last_exception = text
+                elif not NOISE.match(text):
+                    print(text, flush=True)
+            returncode = proc.wait()
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+    from moa_train.train import read_summary
+
+    summary = read_summary(run_dir)
+    if summary.get("status") == "preempted":
+        raise Preempted(summary.get("stop_message") or f"stopped at step {summary.get('step')}", run_dir)
+    if returncode != 0:
+        reason = first_error or last_exception or f"exit status {returncode}"
+        raise MoATrainError(f"{n} worker(s) failed: {reason} (full output: {log_path})")
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+# torch-elastic and Python tracebacks: kept in workers.log, not echoed
+NOISE = re.compile(
+    r"^(Traceback|\s|[EWI]\d{4} |=+$|\[rank\d|Root Cause|Failures|torch\.distributed|\w[\w.]*(Error|Exception)\b)"
+)
+EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*: ")
+
+
+def _forward(proc: subprocess.Popen) -> Any:
+    def handler(signum: int, frame: Any) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signum)
+
+    return handler
 
 
 def _free_port() -> int:
@@ -68,19 +116,20 @@ def _cuda_available() -> bool:
 
 
 def worker_main(argv: list[str] | None = None) -> Any:
-    """Entry point of one worker: ``python -m moa_train.launch <run dir>`` (started by accelerate)."""
+    """One worker: ``python -m moa_train.launch <run dir> [<config file>]`` (started by accelerate)."""
     args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        raise SystemExit("usage: python -m moa_train.launch <run dir holding config.yaml>")
+    if len(args) not in (1, 2):
+        raise SystemExit("usage: python -m moa_train.launch <run dir> [<config file>]")
     run_dir = Path(args[0])
-    cfg = OmegaConf.load(run_dir / "config.yaml")
-    from moa_train.train import train  # after the config: a bad path fails before torch loads
-
     try:
+        cfg = OmegaConf.load(args[1] if len(args) == 2 else run_dir / "config.yaml")
+        from moa_train.train import train  # after the config: a bad path fails before torch loads
+
         return train(cfg, run_dir, expected_world_size=int(cfg.launcher.num_processes))
-    except MoATrainError as exc:
-        print(f"error: {' '.join(str(exc).split())}", file=sys.stderr)
-        sys.exit(2)
+    except Preempted:
+        sys.exit(EXIT_PREEMPTED)  # the launching process prints the resume hint
+    except (Exception, KeyboardInterrupt) as exc:
+        report(exc)
 
 
 if __name__ == "__main__":

@@ -51,7 +51,7 @@ def save_heatmap(
             ax.set_title(title)
         fig.colorbar(image, ax=ax, label=label)
         fig.tight_layout()
-        tmp = path.with_name(path.name + ".tmp")
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per process
         fig.savefig(tmp, format="png", dpi=100)
         os.replace(tmp, path)
     finally:

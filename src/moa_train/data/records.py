@@ -47,7 +47,12 @@ def read_json_records(path: str | os.PathLike[str]) -> list[Any]:
     path = Path(path).expanduser()
     if not path.is_file():
         raise MoATrainError(f"data file not found: {path}")
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MoATrainError(f"{path}: not UTF-8 text (byte {exc.start}); save the file as UTF-8") from None
+    except OSError as exc:
+        raise MoATrainError(f"{path}: cannot be read ({exc.strerror})") from None
     if path.suffix.lower() != ".jsonl":
         try:
             data = json.loads(text)
@@ -83,6 +88,10 @@ def validate_record(item: Any, index: int, source: str, split: str = "train") ->
     record = dict(item)
     for field in TEXT_FIELDS:
         value = item.get(field)
+        if isinstance(value, Mapping | list | tuple):  # str() of it would silently train on "{'a': 1}"
+            raise MoATrainError(
+                f"{source}: record {index} field {field!r} is a {type(value).__name__}; expected text"
+            )
         record[field] = "" if value is None else str(value)
     record["answer"] = record["answer"].strip()
     return record
