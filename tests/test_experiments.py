@@ -42,9 +42,11 @@ CONFIGS = Path(str(importlib.resources.files("moa_train.configs")))
 FAMILIES = ("commonsense", "math")
 METHODS = (
     "soft", "sparse", "instance", "lora", "prompt", "pa", "naive", "unipeft",
-    "hydralora", "molora", "topk", "adamole", "mixlora",
+    "hydralora", "molora", "topk", "adamole", "topk_lb", "mola", "mixlora",
 )  # fmt: skip
-MOE_BASELINES = ("hydralora", "molora", "topk", "adamole", "mixlora")
+MOE_BASELINES = ("hydralora", "molora", "topk", "adamole", "topk_lb")
+# The mixture-of-LoRA family beyond the paper's baselines (related-methods spec), on the shared MoE recipe.
+RELATED = {"mola", "mixlora", "dynmole", "loramoe", "loramoe_lbc", "moslora", "prompt_moe"}
 EMBEDDED_DATA = "arith2"  # an embedded BIG-bench set: presets must also run on it
 
 # Trainable parameters on the real LLaMA-3.1-8B shapes (model=llama3_1_8b_arch, meta device).
@@ -67,7 +69,15 @@ SPEC_F2 = {  # the rows of method spec F.2
 }
 DERIVED = {  # not F.2 rows, but the same arithmetic (documented in the preset headers)
     "commonsense_instance": 18_089_696,  # instance-level with the commonsense linear router
-    **{f"{f}_mixlora": 100_140_288 for f in FAMILIES},  # = Top-K
+    **{f"{f}_topk_lb": 100_140_288 for f in FAMILIES},  # = Top-K
+    # related methods: the issue's counts (MoLA, DynMoLE, LoRAMoE, MoSLoRA) and the same arithmetic
+    **{f"{f}_mola": 111_083_520 for f in FAMILIES},
+    **{f"{f}_mixlora": 121_110_528 for f in FAMILIES},
+    "math_dynmole": 255_590_400,
+    "math_loramoe": 62_390_272,
+    "math_loramoe_lbc": 62_390_272,
+    "math_moslora": 28_352_512,
+    "math_prompt_moe": 11_535_616,
     "math_soft_no_prompt": 22_158_016,
     "math_soft_lora_only": 16_781_856,
     "math_soft_softmax": 24_520_288,
@@ -160,7 +170,7 @@ def test_paper_recipe(compose, preset: str) -> None:
     assert tuple(cfg.optimizer.betas) == (0.9, 0.95) and cfg.optimizer.weight_decay == 0.02
     assert cfg.scheduler.name == "cosine" and cfg.scheduler.min_lr == 0 and tc.precision == "bf16"
     assert tc.grad_clip is None and tc.max_steps is None
-    if family == "math" and method in MOE_BASELINES:  # spec C / D.1: the MoE baselines' math budget
+    if family == "math" and (method in MOE_BASELINES or method in RELATED):  # spec C / D.1: MoE math budget
         assert (tc.epochs, cfg.scheduler.warmup_epochs, tc.micro_batch_size) == (1, 0.4, 4)
     elif preset == "commonsense_sparse_linear":  # the 3-epoch "seedG" runs
         assert (tc.epochs, cfg.scheduler.warmup_epochs) == (3, 1.0)
@@ -168,8 +178,10 @@ def test_paper_recipe(compose, preset: str) -> None:
         assert (tc.epochs, cfg.scheduler.warmup_epochs) == (2, 1.0)
     assert not cfg.final_eval.enabled  # the paper protocol evaluates with moa-eval (spec E.4)
     assert all(c == 0 for c in (moa.router.z_loss_coef, moa.router.entropy_coef))
-    expected_lb = 0.01 if method == "mixlora" else 0.0
+    expected_lb = {"topk_lb": 0.01, "mixlora": 0.01, "dynmole": 0.001}.get(method, 0.0)
     assert moa.site_router.load_balance_coef == expected_lb and moa.router.load_balance_coef == 0
+    if method not in ("dynmole",):  # DynMoLE's entropy loss is part of the method
+        assert moa.site_router.entropy_coef == 0
 
 
 def test_router_choices_follow_the_spec(compose) -> None:
@@ -197,7 +209,7 @@ def test_router_choices_follow_the_spec(compose) -> None:
         assert router(f"{family}_instance").granularity == "instance"
         uni = router(f"{family}_unipeft")
         assert (uni.kind, uni.granularity, uni.groups) == ("linear", "instance", "type")
-        for method in ("lora", "prompt", "pa", "naive", *MOE_BASELINES):
+        for method in ("lora", "prompt", "pa", "naive", "mola", "mixlora", *MOE_BASELINES):
             assert router(f"{family}_{method}").kind == "none"
         site = {m: moa_of(compose([f"experiment={family}_{m}"])) for m in MOE_BASELINES}
         assert site["hydralora"].lora_shared_a and not site["hydralora"].site_router.bias
@@ -272,17 +284,18 @@ def _sweep_rows(sweep: Path) -> list[dict[str, str]]:
 
 def test_a_sample_of_presets_trains_two_steps(tmp_path: Path) -> None:
     """A fast sample of distinct code paths: the sparse threshold router, instance-level type gates
-    (UniPEFT) and top-2 site routing with a load-balance loss (MixLoRA-style)."""
+    (UniPEFT), top-2 site routing with a load-balance loss, block-level FFN experts (MixLoRA) and
+    DynMoLE routing with its entropy loss."""
     sweep = tmp_path / "sweep"
     result = run_cli(
-        "moa-train", "-m", "experiment=math_sparse,commonsense_unipeft,math_mixlora", "seed=125",
+        "moa-train", "-m", "experiment=math_sparse,commonsense_unipeft,math_topk_lb,math_mixlora,math_dynmole", "seed=125",
         *TINY_TRAIN, f"hydra.sweep.dir={sweep}", cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     rows = _sweep_rows(sweep)
-    assert len(rows) == 3 and all(r["status"] == "completed" and r["step"] == "2" for r in rows)
+    assert len(rows) == 5 and all(r["status"] == "completed" and r["step"] == "2" for r in rows)
     by_method = list(csv.DictReader((sweep / "summary_by_method.csv").open()))
-    assert [(r["seeds"], r["completed"]) for r in by_method] == [("125", "1/1")] * 3
+    assert [(r["seeds"], r["completed"]) for r in by_method] == [("125", "1/1")] * 5
 
 
 @pytest.mark.slow

@@ -30,10 +30,13 @@ ROUTER_INPUTS = ("residual", "normed")
 GRANULARITIES = ("token", "instance")
 GROUPS = ("expert", "type")
 ACTIVATIONS = ("sigmoid", "softmax", "scaled_softmax")
-SELECTIONS = ("dense", "threshold", "topk", "topp", "adamole")
+SELECTIONS = ("dense", "threshold", "topk", "topp", "adamole", "dynmole")
+BALANCE_NORMS = ("spec", "official")
+BALANCE_SCOPES = ("micro_batch", "global")
 THRESHOLD_GRADS = ("none", "shifted", "ste")
 SPARSE_IMPLS = ("auto", "gather", "dense")
 PA_ACTIVATIONS = ("silu", "relu", "gelu", "tanh")
+PROMPT_MOE_FORMS = ("official", "per_group")
 
 
 def _choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
@@ -56,11 +59,26 @@ class RouterConfig:
     max_threshold: float = 0.5  # Γmax of the learned threshold Γ = Γmax * σ(w·x + b)
     const_threshold: bool = False  # Γ = Γmax, no threshold network
     threshold_grad: str = "none"  # none (official code) | shifted ((g-Γ)·m) | ste
-    top_k: int = 2
+    top_k: Any = 2  # an int, or (site routers) a per-layer span map such as "0-15:2,16-31:4" (MoLA)
     top_p: float = 0.75
+    # DynMoLE (selection=dynmole): top-p keeping at least keep_top_k experts; tokens whose normalised
+    # Tsallis entropy (index entropy_index) exceeds entropy_threshold use every expert.
+    keep_top_k: int = 2
+    entropy_index: float = 1.1
+    entropy_threshold: float = 0.9
     load_balance_coef: float = 0.0
+    # spec: f_e = share of (token, kept expert) assignments (method spec C.8); official: f_e = kept
+    # counts / tokens (the official Top-K code: k x the spec value) and, for AdaMoLE, P_e = mean (p - tau).
+    balance_norm: str = "spec"
+    # micro_batch: f_e from this forward; global: f_e from every micro-batch of the optimizer step so far,
+    # summed over data-parallel ranks (global-batch load balance, docs/experiments.md).
+    balance_scope: str = "micro_batch"
     z_loss_coef: float = 0.0
-    entropy_coef: float = 0.0
+    entropy_coef: float = 0.0  # Shannon entropy; with selection=dynmole the normalised Tsallis entropy
+    # LoRAMoE localized balancing constraint: lbc_coef x CV^2 of per-example expert importance, the half
+    # of the experts matching the example's task type weighted 1 + lbc_alpha, the other half 1 - lbc_alpha.
+    lbc_coef: float = 0.0
+    lbc_alpha: float = 0.0
 
     def __post_init__(self) -> None:
         _choice("router.kind", self.kind, ROUTER_KINDS)
@@ -74,16 +92,32 @@ class RouterConfig:
             raise MoATrainError(f"router.hidden_mult must be >= 1, got {self.hidden_mult}")
         if not 0.0 < self.max_threshold <= 1.0:
             raise MoATrainError(f"router.max_threshold (Γmax) must be in (0, 1], got {self.max_threshold}")
-        if self.top_k < 1:
-            raise MoATrainError(f"router.top_k must be >= 1, got {self.top_k}")
+        _choice("router.balance_norm", self.balance_norm, BALANCE_NORMS)
+        _choice("router.balance_scope", self.balance_scope, BALANCE_SCOPES)
+        top_ks = span_values(self.top_k, "router.top_k")
+        if min(top_ks.values()) < 1:
+            raise MoATrainError(f"router.top_k must be >= 1 in every layer, got {self.top_k!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise MoATrainError(f"router.top_p must be in (0, 1], got {self.top_p}")
+        if self.keep_top_k < 1:
+            raise MoATrainError(f"router.keep_top_k must be >= 1, got {self.keep_top_k}")
+        if self.entropy_index <= 0 or self.entropy_index == 1.0:
+            raise MoATrainError(
+                f"router.entropy_index (Tsallis q) must be > 0 and != 1, got {self.entropy_index}"
+            )
+        if not 0.0 <= self.entropy_threshold <= 1.0:
+            raise MoATrainError(f"router.entropy_threshold must be in [0, 1], got {self.entropy_threshold}")
+        for name in ("load_balance_coef", "z_loss_coef", "entropy_coef", "lbc_coef"):
+            if getattr(self, name) < 0:
+                raise MoATrainError(f"router.{name} must be >= 0, got {getattr(self, name)}")
+        if not 0.0 <= self.lbc_alpha < 1.0:
+            raise MoATrainError(f"router.lbc_alpha must be in [0, 1), got {self.lbc_alpha}")
         if self.kind == "none" and self.selection != "dense":
             raise MoATrainError(
                 f"router.kind=none gives constant gates and cannot do selection={self.selection}; "
                 "set router.kind=linear or swiglu"
             )
-        if self.selection in ("topk", "topp", "adamole") and self.activation == "sigmoid":
+        if self.selection in ("topk", "topp", "adamole", "dynmole") and self.activation == "sigmoid":
             raise MoATrainError(
                 f"router.selection={self.selection} needs a distribution over experts; set router.activation=softmax"
             )
@@ -100,8 +134,14 @@ class MoAConfig:
     lora_dropout: float = 0.0
     lora_rank_pattern: dict[str, int] = field(default_factory=dict)
     lora_layers: Any = "all"  # "all" | "a-b" (half-open, as the official "0-32") | list of indices | "none"
-    lora_experts: int = 1  # > 1: homogeneous mixture at every LoRA site (MoLoRA, HydraLoRA, Top-K, AdaMoLE)
+    # > 1: homogeneous mixture at every LoRA site (MoLoRA, HydraLoRA, Top-K, AdaMoLE, LoRAMoE); an int or a
+    # per-layer span map "0-7:2,8-15:4" (inclusive spans; MoLA's layer-wise allocation).
+    lora_experts: Any = 1
     lora_shared_a: bool = False  # HydraLoRA: one shared A, lora_experts B heads
+    lora_mixer: bool = False  # MoSLoRA: a learnable r x r mixer between A and B (single-expert LoRA)
+    # Block-level FFN experts (MixLoRA, DynMoLE): each expert is a LoRA triple (lora_rank, lora_alpha,
+    # lora_dropout) on gate/up/down, all under ONE site_router per FFN; an int or a span map; 0 disables.
+    ffn_experts: Any = 0
     # Parallel adapter on the FFN (spec A.2); pa_size 0 disables it.
     pa_size: int = 16
     pa_activation: str = "silu"
@@ -113,6 +153,9 @@ class MoAConfig:
     prompt_len: int = 10
     prompt_layers: Any = "all"
     prompt_experts: int = 1  # > 1: prompt-MoE (E groups of prompt_len vectors)
+    # prompt-MoE form: official (ONE softmax over all E*L slots, ONE per-head gate shared by the groups;
+    # method spec C.2) or per_group (a softmax and a per-head gate per group)
+    prompt_moe_form: str = "official"
     # The block router over all of a layer's experts, and the router of homogeneous multi-expert sites.
     router: RouterConfig = field(default_factory=lambda: RouterConfig(kind="swiglu"))
     site_router: RouterConfig = field(
@@ -139,12 +182,18 @@ class MoAConfig:
                 raise MoATrainError(f"lora_rank_pattern[{site}] must be > 0, got {r}")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise MoATrainError(f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        for name in ("lora_experts", "pa_experts", "prompt_experts"):
-            if getattr(self, name) < 1:
-                raise MoATrainError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("pa_experts", "prompt_experts"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise MoATrainError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
+        if min(span_values(self.lora_experts, "lora_experts").values()) < 1:
+            raise MoATrainError(f"lora_experts must be >= 1 in every layer, got {self.lora_experts!r}")
+        if min(span_values(self.ffn_experts, "ffn_experts").values()) < 0:
+            raise MoATrainError(f"ffn_experts must be >= 0 in every layer, got {self.ffn_experts!r}")
+        self._check_ffn_and_mixer()
         if self.pa_size < 0 or self.prompt_len < 0:
             raise MoATrainError("pa_size and prompt_len must be >= 0 (0 disables the expert)")
         _choice("pa_activation", self.pa_activation, PA_ACTIVATIONS)
+        _choice("prompt_moe_form", self.prompt_moe_form, PROMPT_MOE_FORMS)
         _choice("sparse_impl", self.sparse_impl, SPARSE_IMPLS)
         for key in self.site_modules:
             _choice("site_modules key", key, tuple(DEFAULT_SITE_MODULES))
@@ -152,23 +201,86 @@ class MoAConfig:
             parse_layers(getattr(self, name), None, name)  # syntax check now; range check at injection
         if not self.expert_types():
             raise MoATrainError(
-                "the config enables no expert: set lora_targets, pa_size > 0 or prompt_len > 0"
+                "the config enables no expert: set lora_targets, ffn_experts > 0, pa_size > 0 or prompt_len > 0"
+            )
+        if not isinstance(self.router.top_k, int):
+            raise MoATrainError(
+                f"router.top_k={self.router.top_k!r}: per-layer maps are for site routers (moa.site_router.top_k)"
             )
         n_block = self.max_block_experts()
         if self.router.kind != "none" and self.router.selection == "topk" and self.router.top_k > n_block:
             raise MoATrainError(f"router.top_k={self.router.top_k} exceeds the {n_block} experts of a block")
-        n_site = max(self.lora_experts, self.pa_experts, self.prompt_experts)
-        if n_site > 1 and self.site_router.selection == "topk" and self.site_router.top_k > n_site:
-            raise MoATrainError(
-                f"site_router.top_k={self.site_router.top_k} exceeds the {n_site} experts of a site"
-            )
+        self._check_site_top_k()
         if self.site_router.granularity != "token" or self.site_router.groups != "expert":
             raise MoATrainError("site_router supports granularity=token and groups=expert only")
+
+    def _check_ffn_and_mixer(self) -> None:
+        if self.has_ffn_experts():
+            both = sorted(set(self.lora_targets) & {"gate", "up", "down"})
+            if both:
+                raise MoATrainError(
+                    f"ffn_experts puts LoRA experts on gate/up/down already; drop {both} from lora_targets"
+                )
+            if self.router.kind != "none":
+                raise MoATrainError(
+                    "ffn_experts brings its own router (moa.site_router); set moa.router.kind=none (router=none)"
+                )
+            if self.lora_rank <= 0:
+                raise MoATrainError(f"lora_rank must be > 0 for ffn_experts, got {self.lora_rank}")
+        if self.lora_mixer and (self.lora_shared_a or self.lora_experts != 1):
+            raise MoATrainError("lora_mixer (MoSLoRA) needs single-expert LoRA: set lora_experts=1")
+
+    def _check_site_top_k(self) -> None:
+        """site_router.top_k <= the experts of every layer that routes with it (per-layer maps allowed)."""
+        router = self.site_router
+        if router.selection not in ("topk", "dynmole"):
+            return
+        k_of = span_values(
+            router.top_k if router.selection == "topk" else router.keep_top_k, "site_router.top_k"
+        )
+        pools = [("lora_experts", self.lora_experts), ("ffn_experts", self.ffn_experts)]
+        pools += [(n, getattr(self, n)) for n in ("pa_experts", "prompt_experts")]
+        for name, spec in pools:
+            counts = span_values(spec, name)
+            for layer, n in counts.items():
+                k = k_of.get(layer, k_of.get(ALL_LAYERS))
+                if layer == ALL_LAYERS and k is None:
+                    k = max(k_of.values())
+                if n > 1 and k is not None and k > n:
+                    where = (
+                        "every layer"
+                        if layer == ALL_LAYERS
+                        else f"layer group {-2 - layer}"
+                        if layer < ALL_LAYERS
+                        else f"layer {layer}"
+                    )
+                    what = "top_k" if router.selection == "topk" else "keep_top_k"
+                    raise MoATrainError(f"site_router.{what}={k} exceeds the {n} {name} of {where}")
+
+    def has_ffn_experts(self) -> bool:
+        return max(span_values(self.ffn_experts, "ffn_experts").values()) > 0
+
+    def has_site_routers(self) -> bool:
+        """True when some site has more than one expert (and so its own site router)."""
+        most = max(span_values(self.lora_experts, "lora_experts").values()) if self.lora_targets else 1
+        return max(most, self.pa_experts, self.prompt_experts) > 1 or self.has_ffn_experts()
+
+    def for_layer(self, index: int, num_layers: int) -> MoAConfig:
+        """This config with every per-layer span map resolved to layer ``index``'s value."""
+        experts = layer_value(self.lora_experts, index, num_layers, "lora_experts")
+        ffn = layer_value(self.ffn_experts, index, num_layers, "ffn_experts")
+        top_k = layer_value(self.site_router.top_k, index, num_layers, "site_router.top_k")
+        if (experts, ffn, top_k) == (self.lora_experts, self.ffn_experts, self.site_router.top_k):
+            return self
+        site_router = dataclasses.replace(self.site_router, top_k=top_k)
+        return dataclasses.replace(self, lora_experts=experts, ffn_experts=ffn, site_router=site_router)
 
     def expert_types(self) -> list[str]:
         types = []
         if self.lora_targets:
             types.append("lora")
+        if self.has_ffn_experts():
+            types.append("ffn")
         if self.prompt_len > 0:
             types.append("prompt")
         if self.pa_size > 0:
@@ -233,3 +345,65 @@ def parse_layers(spec: Any, num_layers: int | None, name: str = "layers") -> lis
             f"{name}={spec!r} names layers {bad} but the model has {num_layers} layers (0-{num_layers - 1})"
         )
     return sorted(set(indices))
+
+
+ALL_LAYERS = -1  # key of span_values() for a plain int: the value of every layer
+
+
+def span_values(spec: Any, name: str) -> dict[int, int]:
+    """Parse a per-layer count: an int (every layer), a span map "0-7:2,8-15:4,16:6" (inclusive layer
+    spans) or a list [2, 4, 6, 8] (the layers split into len(list) consecutive, near-equal groups: layer l
+    of L gets list[l * len(list) // L]; on 32 layers [2, 4, 6, 8] is "0-7:2,8-15:4,16-23:6,24-31:8").
+
+    Returns {layer: value} for a span map, {ALL_LAYERS: value} for an int and {-2 - i: list[i]} for a
+    list (group keys, resolved by layer_value). Syntax only: layer ranges are checked by layer_value().
+    """
+    hint = (
+        "use an integer, a span map like '0-7:2,8-15:4' (inclusive layer spans) or a list like [2, 4, 6, 8]"
+    )
+    if isinstance(spec, bool):
+        raise MoATrainError(f"{name}={spec!r} is not a count; {hint}")
+    if isinstance(spec, int):
+        return {ALL_LAYERS: spec}
+    if isinstance(spec, (list, tuple)):
+        if not spec or not all(isinstance(v, int) and not isinstance(v, bool) for v in spec):
+            raise MoATrainError(f"{name}={list(spec)!r} is not a list of integers; {hint}")
+        return {-2 - i: v for i, v in enumerate(spec)}
+    text = str(spec).strip()
+    if text.lstrip("-").isdigit():
+        return {ALL_LAYERS: int(text)}
+    values: dict[int, int] = {}
+    for part in text.split(","):
+        span, sep, value = part.strip().partition(":")
+        bounds = span.split("-")
+        digits = all(b.strip().isdigit() for b in bounds) and value.strip().isdigit()
+        if not sep or not digits or len(bounds) > 2:
+            raise MoATrainError(f"{name}={spec!r} is not a per-layer count; {hint}")
+        lo, hi = int(bounds[0]), int(bounds[-1])
+        if hi < lo:
+            raise MoATrainError(f"{name}={spec!r}: span '{span.strip()}' ends before it starts")
+        for layer in range(lo, hi + 1):
+            if layer in values:
+                raise MoATrainError(f"{name}={spec!r} gives layer {layer} twice")
+            values[layer] = int(value)
+    return values
+
+
+def layer_value(spec: Any, index: int, num_layers: int, name: str) -> int:
+    """The value of an int or span map (see span_values) for layer ``index`` of a ``num_layers`` model."""
+    values = span_values(spec, name)
+    if ALL_LAYERS in values:
+        return values[ALL_LAYERS]
+    if isinstance(spec, (list, tuple)):
+        return int(spec[index * len(spec) // num_layers])
+    beyond = sorted(i for i in values if i >= num_layers)
+    if beyond:
+        raise MoATrainError(
+            f"{name}={spec!r} names layers {beyond} but the model has {num_layers} layers (0-{num_layers - 1})"
+        )
+    if index not in values:
+        missing = [i for i in range(num_layers) if i not in values]
+        raise MoATrainError(
+            f"{name}={spec!r} gives no value for layers {missing}; cover every layer 0-{num_layers - 1}"
+        )
+    return values[index]

@@ -4,6 +4,8 @@ Nothing of transformers is copied or patched: we attach a ``moa`` MoALayer to ev
 install hooks —
   * decoder-layer forward pre-hook: the block router computes this layer's gates from its input;
   * forward hooks on q/k/v/o/up/gate/down projections: output += gated LoRA delta of the site input;
+  * block-level FFN experts (ffn_experts): hooks on gate/up record the frozen outputs, a pre-hook on
+    down feeds it the routed mix of the experts' hidden states, a hook on down adds their deltas;
   * forward hook on the MLP: output += gated parallel adapter of the MLP input (the FFN-norm output);
   * an attention function registered with transformers' AttentionInterface (``moa_<impl>``): it runs
     the model's own attention, then adds the gated prompt attention of the post-RoPE queries;
@@ -91,7 +93,8 @@ def inject(model: nn.Module, cfg: MoAConfig, state: MoAState) -> tuple[list[MoAL
     """Attach a MoALayer to every decoder layer that gets an expert; return them and the hook handles."""
     layers = find_decoder_layers(model)
     n = len(layers)
-    lora_layers = set(parse_layers(cfg.lora_layers, n, "lora_layers")) if cfg.lora_targets else set()
+    has_lora = bool(cfg.lora_targets) or cfg.has_ffn_experts()
+    lora_layers = set(parse_layers(cfg.lora_layers, n, "lora_layers")) if has_lora else set()
     pa_layers = set(parse_layers(cfg.pa_layers, n, "pa_layers")) if cfg.pa_size > 0 else set()
     prompt_layers = set(parse_layers(cfg.prompt_layers, n, "prompt_layers")) if cfg.prompt_len > 0 else set()
     text_config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -99,23 +102,31 @@ def inject(model: nn.Module, cfg: MoAConfig, state: MoAState) -> tuple[list[MoAL
     handles: list = []
     moa_layers: list[MoALayer | None] = []
     for index, layer in enumerate(layers):
+        layer_cfg = cfg.for_layer(index, n)  # per-layer expert counts and top-k (MoLA span maps)
         sites = (
             {s: _site_module(layer, cfg, s, index) for s in cfg.lora_targets} if index in lora_layers else {}
         )
+        ffn_sites = _ffn_sites(layer, cfg, index) if index in lora_layers and layer_cfg.ffn_experts else {}
         use_pa, use_prompt = index in pa_layers, index in prompt_layers
-        if not (sites or use_pa or use_prompt):
+        if not (sites or ffn_sites or use_pa or use_prompt):
             moa_layers.append(None)
             continue
         shapes = {s: (m.in_features, m.out_features) for s, m in sites.items()}
+        ffn = None
+        if ffn_sites:
+            gate = ffn_sites["gate"]
+            ffn = (gate.in_features, gate.out_features, ffn_sites["act_fn"])
         reference = next(p for p in layer.parameters())
         with torch.device(reference.device):
-            moa = MoALayer(cfg, shapes, hidden, heads, use_prompt, use_pa, state)
+            moa = MoALayer(layer_cfg, shapes, hidden, heads, use_prompt, use_pa, state, ffn)
         moa.float()  # adapters train in fp32 whatever the base dtype (spec D.1)
         layer.moa = moa
         moa_layers.append(moa)
         handles.append(layer.register_forward_pre_hook(_route_hook(moa, state), with_kwargs=True))
         for site, module in sites.items():
             handles.append(module.register_forward_hook(_site_hook(moa, state, site)))
+        if ffn_sites:
+            handles += _ffn_hooks(moa, state, ffn_sites)
         if use_pa:
             mlp = _site_module(layer, cfg, "mlp", index)
             handles.append(mlp.register_forward_hook(_pa_hook(moa, state)))
@@ -126,6 +137,50 @@ def inject(model: nn.Module, cfg: MoAConfig, state: MoAState) -> tuple[list[MoAL
         _use_moa_attention(model)
     handles.append(model.register_forward_pre_hook(_model_hook(state, moa_layers), with_kwargs=True))
     return moa_layers, handles
+
+
+def _ffn_sites(layer: nn.Module, cfg: MoAConfig, index: int) -> dict:
+    """gate/up/down projections and the MLP activation of a layer that gets block-level FFN experts."""
+    found = {s: _site_module(layer, cfg, s, index) for s in ("gate", "up", "down")}
+    act = getattr(_site_module(layer, cfg, "mlp", index), "act_fn", None)
+    if act is None:
+        raise MoATrainError(
+            f"ffn_experts needs a gated MLP with an 'act_fn' (Llama style); decoder layer {index}'s MLP has none"
+        )
+    return {**found, "act_fn": act}
+
+
+def _ffn_hooks(moa: MoALayer, state: MoAState, sites: dict) -> list:
+    """Block-level FFN experts (experts/ffn.py): record the frozen gate/up outputs, replace the down
+    projection's input by the routed mix of the experts' hidden states, add the experts' down deltas."""
+    ffn = moa.ffn
+
+    def gate_hook(module, args, output):
+        if state.enabled:
+            ffn.remember(x=args[0], base_gate=output)
+
+    def up_hook(module, args, output):
+        if state.enabled:
+            ffn.remember(base_up=output)
+
+    def down_pre_hook(module, args):
+        if not state.enabled:
+            return None
+        mixed = ffn.mixed_hidden()
+        return (mixed if mixed.dtype == args[0].dtype else mixed.to(args[0].dtype),)
+
+    def down_hook(module, args, output):
+        if not state.enabled:
+            return None
+        delta = ffn.down_delta()
+        return output + (delta if delta.dtype == output.dtype else delta.to(output.dtype))
+
+    return [
+        sites["gate"].register_forward_hook(gate_hook),
+        sites["up"].register_forward_hook(up_hook),
+        sites["down"].register_forward_pre_hook(down_pre_hook),
+        sites["down"].register_forward_hook(down_hook),
+    ]
 
 
 def _route_hook(moa: MoALayer, state: MoAState):

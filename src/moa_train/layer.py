@@ -10,11 +10,13 @@ The flow inside one decoder layer (hooks are installed by inject.py):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import nn
 
 from moa_train.config import LORA_SITES, SLOT_ORDER, MoAConfig
-from moa_train.experts import LoRAExperts, ParallelAdapter, PromptExpert
+from moa_train.experts import FFNExperts, LoRAExperts, ParallelAdapter, PromptExpert
 from moa_train.experts.mixing import padded_rows, zero_padding
 from moa_train.routers import Router, RouterOutput
 
@@ -33,6 +35,30 @@ class MoAState:
         self.capture: list[torch.Tensor] | None = None
         self.capture_only: set[int] | None = None  # ids of the routers to capture (None: all)
         self.aux: dict[str, tuple[torch.Tensor, float]] = {}
+        self.task_types: torch.Tensor | None = None  # [B] 0/1 task type of each example (LoRAMoE LBC)
+        # Global-batch load balance: per router, expert counts and tokens of the current optimizer step
+        # (summed over ranks by step_reduce), reset by begin_step().
+        self.step_counts: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.step_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+
+    def begin_step(self, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
+        """Start an optimizer step: forget the global-batch counts; ``reduce`` sums a tensor over ranks."""
+        self.step_counts = {}
+        self.step_reduce = reduce
+
+    def accumulate_counts(
+        self, router: nn.Module, counts: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add this micro-batch's (counts [E], tokens []) of ``router``, summed over ranks, to the step's
+        running totals and return the totals: f_e = totals_e / total tokens so far in this step."""
+        packed = torch.cat([counts.detach().float(), tokens.detach().float().reshape(1)])
+        if self.step_reduce is not None:
+            packed = self.step_reduce(packed)
+        previous = self.step_counts.get(id(router))
+        if previous is not None:
+            packed = packed + previous
+        self.step_counts[id(router)] = packed
+        return packed[:-1], packed[-1]
 
     def add_aux(self, name: str, loss: torch.Tensor, coef: float) -> None:
         total = self.aux[name][0] + loss if name in self.aux else loss
@@ -63,7 +89,9 @@ class MoALayer(nn.Module):
         use_prompt: bool,
         use_pa: bool,
         state: MoAState,
+        ffn: tuple[int, int, nn.Module] | None = None,
     ) -> None:
+        """``ffn``: (hidden, intermediate, the MLP's activation) when the layer gets block-level FFN experts."""
         super().__init__()
         self._state = state
         self.cfg = cfg
@@ -79,12 +107,21 @@ class MoALayer(nn.Module):
                     cfg.lora_shared_a,
                     cfg.site_router,
                     state,
+                    cfg.lora_mixer,
                 )
                 for site, (fan_in, fan_out) in lora_shapes.items()
             }
         )
         self.prompt = (
-            PromptExpert(hidden_size, num_heads, cfg.prompt_len, cfg.prompt_experts, cfg.site_router, state)
+            PromptExpert(
+                hidden_size,
+                num_heads,
+                cfg.prompt_len,
+                cfg.prompt_experts,
+                cfg.site_router,
+                state,
+                cfg.prompt_moe_form,
+            )
             if use_prompt
             else None
         )
@@ -102,6 +139,12 @@ class MoALayer(nn.Module):
             if use_pa
             else None
         )
+        self.ffn = (
+            FFNExperts(*ffn[:2], cfg.lora_rank, cfg.lora_alpha, cfg.lora_dropout, cfg.ffn_experts,
+                       cfg.site_router, ffn[2], state)
+            if ffn is not None
+            else None
+        )  # fmt: skip
         present = set(lora_shapes) | ({"prompt"} if use_prompt else set()) | ({"pa"} if use_pa else set())
         self.slots = [s for s in SLOT_ORDER if s in present]
         self.slot_index = {s: i for i, s in enumerate(self.slots)}

@@ -37,7 +37,7 @@ def parameter_type(name: str) -> str:
         return "threshold"
     if ".router." in name:
         return "router"
-    for kind in ("lora", "prompt", "pa"):
+    for kind in ("lora", "ffn", "prompt", "pa"):
         if f".moa.{kind}." in name:
             return kind
     return "other"
@@ -99,11 +99,14 @@ class MoAModel(nn.Module):
                 found.append((index, moa, moa.router, list(moa.router_outputs)))
                 continue
             site_routers = [(s, m.router) for s, m in moa.lora.items() if m.router is not None]
-            for extra, module in (("pa", moa.pa), ("prompt", moa.prompt)):
+            for extra, module in (("ffn", moa.ffn), ("pa", moa.pa), ("prompt", moa.prompt)):
                 if module is not None and module.router is not None:
                     site_routers.append((extra, module.router))
             if site_routers:
-                site, router = next(((s, r) for s, r in site_routers if s == "down"), site_routers[0])
+                # the FFN-down site router, or the router of the block-level FFN experts (one per FFN)
+                site, router = next(
+                    ((s, r) for s, r in site_routers if s in ("down", "ffn")), site_routers[0]
+                )
                 found.append((index, moa, router, [f"{site}.e{i}" for i in range(router.num_experts)]))
         return found
 
@@ -205,7 +208,7 @@ class MoAModel(nn.Module):
         and with threshold_grad=none the learned threshold never gets one (spec G.1). Multi-process
         training (DDP) then needs ``find_unused_parameters=True``."""
         routers = [self.moa_config.router]
-        if max(self.moa_config.lora_experts, self.moa_config.pa_experts, self.moa_config.prompt_experts) > 1:
+        if self.moa_config.has_site_routers():
             routers.append(self.moa_config.site_router)
         return any(r.kind != "none" and r.selection != "dense" for r in routers)
 

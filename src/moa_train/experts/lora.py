@@ -2,8 +2,9 @@
 
 E = 1 is plain LoRA: delta(x) = (alpha/r) B A x with A Kaiming-uniform and B = 0.
 E > 1 is a homogeneous mixture with its own site router: MoLoRA (dense softmax), HydraLoRA (one shared
-A, E B-heads), Top-K MoE-LoRA / MixLoRA (top-k, renormalised) and AdaMoLE (shifted threshold).
-The E experts are stored concatenated, so the dense mixture is two matmuls.
+A, E B-heads), Top-K MoE-LoRA (top-k, renormalised), AdaMoLE (shifted threshold), MoLA (top-k with
+per-layer E) and LoRAMoE (dense softmax). The E experts are stored concatenated, so the dense mixture is
+two matmuls. ``mixer=True`` is MoSLoRA: delta(x) = (alpha/r) B M A x with a learnable r x r mixer M.
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ class LoRAExperts(nn.Module):
         shared_a: bool = False,
         router_cfg: RouterConfig | None = None,
         state=None,
+        mixer: bool = False,
     ) -> None:
         super().__init__()
         self.rank, self.num_experts, self.shared_a = rank, num_experts, shared_a and num_experts > 1
@@ -48,6 +50,10 @@ class LoRAExperts(nn.Module):
         self.B = nn.Parameter(torch.zeros(out_features, rank * num_experts))
         # nn.Linear's default init: Kaiming-uniform with a = sqrt(5), i.e. U(-1/sqrt(in), 1/sqrt(in)).
         nn.init.kaiming_uniform_(self.A, a=math.sqrt(5))
+        # MoSLoRA's mixer: bias-free nn.Linear(r, r) init, Kaiming-uniform a = sqrt(5) (the released code).
+        self.mixer = nn.Parameter(torch.empty(rank, rank)) if mixer and num_experts == 1 else None
+        if self.mixer is not None:
+            nn.init.kaiming_uniform_(self.mixer, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.router = Router(in_features, num_experts, router_cfg, state) if num_experts > 1 else None
 
@@ -81,6 +87,8 @@ class LoRAExperts(nn.Module):
         x = self._input(x)
         if self.router is None:
             hidden = F.linear(x, self.A)
+            if self.mixer is not None:
+                hidden = F.linear(hidden, self.mixer)
             if gate is not None:
                 gate = gate if gate.dtype == hidden.dtype else gate.to(hidden.dtype)
                 hidden = hidden * (gate if self.scale == 1.0 else gate * self.scale)
@@ -95,6 +103,16 @@ class LoRAExperts(nn.Module):
         hidden = F.linear(x, self.A)
         weights = (weights if self.scale == 1.0 else weights * self.scale).to(hidden.dtype)
         return F.linear(weight_hidden(hidden, weights, self.rank, self.shared_a), self.B)
+
+    def merged_weight(self) -> torch.Tensor:
+        """The [out, in] weight delta of a single-expert LoRA (with its MoSLoRA mixer): (alpha/r) B M A.
+
+        Adding it to the frozen weight gives the same outputs (eval mode: no dropout), so the adapter merges.
+        """
+        if self.router is not None:
+            raise ValueError("a routed mixture of LoRA experts has no single weight delta to merge")
+        a = self.A if self.mixer is None else self.mixer @ self.A
+        return self.scale * (self.B @ a)
 
     def _sparse(self, x: torch.Tensor, weights: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
         """Run each expert only on the tokens that selected it (Top-K / AdaMoLE sparse execution)."""

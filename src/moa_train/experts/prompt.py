@@ -1,4 +1,5 @@
-"""Zero-gated prompt expert, LLaMA-Adapter style (method spec A.3); E > 1 is prompt-MoE (spec C.2).
+"""Zero-gated prompt expert, LLaMA-Adapter style (method spec A.3); E > 1 is prompt-MoE (spec C.2:
+by default the official form, one softmax over all E*L slots and one per-head gate for all groups).
 
 Per layer: L learnable vectors P. Keys/values come from the frozen base k/v projections of P (no
 LoRA, no RoPE; through k_norm on Qwen3), repeated over kv groups. Each post-RoPE query attends to the
@@ -27,11 +28,15 @@ class PromptExpert(nn.Module):
         num_experts: int = 1,
         router_cfg: RouterConfig | None = None,
         state=None,
+        moe_form: str = "official",
     ) -> None:
         super().__init__()
         self.length, self.num_experts = length, num_experts
+        # prompt-MoE (spec C.2): "official" takes ONE softmax over all E*L slots and ONE per-head gate
+        # shared by the groups; "per_group" a softmax and a per-head gate per group.
+        self.joint = moe_form == "official"
         self.vectors = nn.Parameter(torch.randn(num_experts * length, hidden_size))  # nn.Embedding init
-        self.head_gate = nn.Parameter(torch.zeros(num_experts, num_heads))
+        self.head_gate = nn.Parameter(torch.zeros(1 if self.joint else num_experts, num_heads))
         self._state = state
         self.router = Router(hidden_size, num_experts, router_cfg, state) if num_experts > 1 else None
 
@@ -69,8 +74,11 @@ class PromptExpert(nn.Module):
         # (not by multiplying with a transposed query), so the query's gradient stays contiguous for
         # RoPE's backward and its accumulation with the attention's query gradient.
         scores = scores.transpose(-1, -2).to(torch.float32, memory_format=torch.contiguous_format)
-        probs = torch.softmax(scores.unflatten(2, (self.num_experts, self.length)), dim=3)  # [B,h,E,L,T]
-        coef = self.head_gate.t()[:, :, None, None]  # [h, E, 1, 1]
+        if self.joint:  # one softmax over all E*L slots, then split into the E groups
+            probs = torch.softmax(scores, dim=2).unflatten(2, (self.num_experts, self.length))  # [B,h,E,L,T]
+        else:
+            probs = torch.softmax(scores.unflatten(2, (self.num_experts, self.length)), dim=3)
+        coef = self.head_gate.t()[:, :, None, None]  # [h, E or 1 (shared), 1, 1]
         if self.router is not None:
             mask = None if self._state is None else self._state.token_mask
             weights = self.router(router_input, mask).weights  # [B, T, E]

@@ -7,8 +7,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
+from moa_train.errors import MoATrainError
 from moa_train.experts.mixing import autocast_off, few_rows_on_cpu
 from moa_train.routers import aux_losses, selection
+from moa_train.routers.dynmole import dynmole
 from moa_train.telemetry import RouterTelemetry, in_backward
 
 
@@ -114,6 +116,10 @@ class Router(nn.Module):
             weights, keep = selection.top_k(probs, cfg.top_k)
         elif cfg.selection == "topp":
             weights, keep = selection.top_p(probs, cfg.top_p)
+        elif cfg.selection == "dynmole":
+            weights, keep = dynmole(
+                probs, cfg.top_p, cfg.keep_top_k, cfg.entropy_index, cfg.entropy_threshold
+            )
         else:  # adamole: τ = (1/E) σ(w·x + b)
             threshold = torch.sigmoid(self.threshold(x)) / num
             weights, keep = selection.adamole(probs, threshold)
@@ -141,15 +147,39 @@ class Router(nn.Module):
         if flat_mask is not None and flat_mask.numel() != logits.reshape(-1, num).shape[0]:
             flat_mask = None  # instance-level routers pool the mask away
         if cfg.load_balance_coef:
-            keep = out.keep if out.keep is not None else torch.ones_like(out.probs, dtype=torch.bool)
-            loss = aux_losses.load_balance(out.probs.reshape(-1, num), keep.reshape(-1, num), flat_mask)
-            state.add_aux("load_balance", loss, cfg.load_balance_coef)
+            state.add_aux("load_balance", self._balance(out, flat_mask), cfg.load_balance_coef)
         if cfg.z_loss_coef:
             state.add_aux("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef)
         if cfg.entropy_coef:
-            state.add_aux(
-                "entropy", aux_losses.entropy(out.probs.reshape(-1, num), flat_mask), cfg.entropy_coef
-            )
+            probs = out.probs.reshape(-1, num)
+            if cfg.selection == "dynmole":  # DynMoLE minimises the entropy it routes by
+                loss = aux_losses.tsallis(probs, flat_mask, cfg.entropy_index)
+            else:
+                loss = aux_losses.entropy(probs, flat_mask)
+            state.add_aux("entropy", loss, cfg.entropy_coef)
+        if cfg.lbc_coef:
+            if state.task_types is None:
+                raise MoATrainError(
+                    "router.lbc_coef > 0 needs each example's task type: set data.task_type_field or "
+                    "data.task_types (see docs/experiments.md)"
+                )
+            weights = out.weights.reshape(-1, *out.weights.shape[-2:])  # [B, T, E]
+            token_mask = None if mask is None else mask.reshape(weights.shape[:2])
+            loss = aux_losses.localized_balance(weights, token_mask, state.task_types, cfg.lbc_alpha)
+            state.add_aux("lbc", loss, cfg.lbc_coef)
+
+    def _balance(self, out: RouterOutput, flat_mask: torch.Tensor | None) -> torch.Tensor:
+        """The load-balance loss of this forward; with balance_scope=global, f_e counts every micro-batch
+        of the optimizer step so far on every data-parallel rank (MoAState.step_counts)."""
+        cfg, state, num = self.cfg, self._state, self.num_experts
+        probs = out.probs.reshape(-1, num)
+        keep = out.keep.reshape(-1, num) if out.keep is not None else torch.ones_like(probs, dtype=torch.bool)
+        official = cfg.balance_norm == "official"
+        tau = out.threshold.reshape(-1, 1) if official and cfg.selection == "adamole" else None
+        counts, tokens = aux_losses.assignment_counts(keep, flat_mask, cfg.balance_norm)
+        if cfg.balance_scope == "global":
+            counts, tokens = state.accumulate_counts(self, counts, tokens)
+        return aux_losses.balance_from(counts, tokens, aux_losses.mean_probability(probs, flat_mask, tau))
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
