@@ -67,6 +67,56 @@ ROWS = {
         ),
         101_123_488,
     ),
+    # the mixture-of-LoRA family (related-methods spec): the counts of issue 14
+    "mola": (
+        dict(
+            lora_targets=["q", "k", "v", "o", "gate", "up", "down"],
+            pa_size=0,
+            prompt_len=0,
+            lora_experts="0-7:2,8-15:4,16-23:6,24-31:8",
+            router=RouterConfig(kind="none"),
+            site_router=RouterConfig(bias=False, selection="topk", top_k=2, **SITE_SOFTMAX),
+        ),
+        111_083_520,
+    ),
+    "dynmole": (
+        dict(
+            lora_targets=[],
+            lora_rank=24,
+            lora_alpha=48,
+            ffn_experts=6,
+            pa_size=0,
+            prompt_len=0,
+            router=RouterConfig(kind="none"),
+            site_router=RouterConfig(bias=False, selection="dynmole", **SITE_SOFTMAX),
+        ),
+        255_590_400,
+    ),
+    "loramoe": (
+        dict(
+            lora_targets=["gate", "up", "down"],
+            lora_rank=4,
+            lora_alpha=32,
+            lora_experts=8,
+            pa_size=0,
+            prompt_len=0,
+            router=RouterConfig(kind="none"),
+            site_router=RouterConfig(bias=False, **SITE_SOFTMAX),
+        ),
+        62_390_272,
+    ),
+    "moslora": (
+        dict(
+            lora_targets=["q", "k", "v", "up", "down"],
+            lora_rank=16,
+            lora_alpha=32,
+            lora_mixer=True,
+            pa_size=0,
+            prompt_len=0,
+            router=RouterConfig(kind="none"),
+        ),
+        28_352_512,
+    ),
 }
 
 

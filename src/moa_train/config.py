@@ -255,7 +255,7 @@ class MoAConfig:
                         else f"layer {layer}"
                     )
                     what = "top_k" if router.selection == "topk" else "keep_top_k"
-                    raise MoATrainError(f"site_router.{what}={k} exceeds the {n} {name} of {where}")
+                    raise MoATrainError(f"site_router.{what}={k} exceeds the {n} experts ({name}) of {where}")
 
     def has_ffn_experts(self) -> bool:
         return max(span_values(self.ffn_experts, "ffn_experts").values()) > 0
