@@ -606,10 +606,18 @@ def test_run_settings_follow_the_training_run(tmp_path: Path) -> None:
         resolve_run_settings(OmegaConf.create({"precision": "int8"}), None)
 
 
-def test_heldout_preset_needs_a_training_run() -> None:
+def test_heldout_preset_needs_a_training_run(tmp_path: Path, tok: Any) -> None:
     preset = OmegaConf.to_container(OmegaConf.load(REPO / "configs" / "eval" / "heldout.yaml"))
     with pytest.raises(MoATrainError, match="checkpoint=<run dir>"):
         load_eval_records(preset, None)
+    # the default preset on a checkpoint without a run config: one line listing the presets
+    ckpt, _ = make_checkpoint(tmp_path, tok)
+    cfg = eval_cfg(tmp_path, checkpoint=str(ckpt), eval=preset)
+    with pytest.raises(
+        MoATrainError, match=r"eval=<preset> \(bigbench, commonsense8, custom, heldout"
+    ) as info:
+        run_from_config(cfg)
+    assert "\n" not in str(info.value)
     with pytest.raises(MoATrainError, match="eval.limit=auto only works with eval.data=run"):
         load_eval_records({**preset, "data": None, "split": "test"}, None)
 
@@ -665,16 +673,19 @@ def test_homogeneous_site_routers_get_per_token_analysis_from_their_ffn_down_rou
     assert single["inter_expert_std"] == pytest.approx(float(std), abs=1e-5)
 
 
-def test_heldout_reproduces_a_bf16_runs_final_evaluation_exactly(tmp_path: Path) -> None:
-    """What the quickstart promises: moa-eval on the checkpoint gives the accuracy training printed."""
+def test_heldout_reproduces_a_bf16_runs_final_evaluation_exactly(tmp_path: Path, capsys: Any) -> None:
+    """What the quickstart promises: `moa-eval checkpoint=<run>` (no other argument: eval=heldout is the
+    default) gives the accuracy training printed, on the run's own held-out split, and says so."""
     from conftest import compose_config, train_in_process
 
     run_dir = tmp_path / "run"
     overrides = ["experiment=tiny", "trainer.precision=bf16", "trainer.max_steps=4", "final_eval.base=false"]
     overrides += ["final_eval.max_records=16", "final_eval.batch_size=5", "final_eval.max_new_tokens=6"]
     summary = train_in_process(run_dir, overrides)
-    cfg = compose_config([f"checkpoint={run_dir}", "eval=heldout"], config_name="eval", hydra=True)
+    cfg = compose_config([f"checkpoint={run_dir}"], config_name="eval", hydra=True)
     results = run_from_config(cfg)
+    assert "eval=heldout: split 'test' of data=" in capsys.readouterr().out
+    assert results["data"].endswith("16 records = its final evaluation)")
     assert (results["precision"], results["batch_size"], results["n"]) == ("bf16", 5, 16)
     assert results["accuracy"] == summary["tuned_accuracy"]
     trained = [

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+import torch.distributed as dist
+from safetensors.torch import save_file
 from torch import nn
 
 from moa_train.config import MoAConfig
@@ -59,14 +60,54 @@ class MoAModel(nn.Module):
                 param.requires_grad_(True)
 
     # -- forward / generation ----------------------------------------------------------------------
-    def forward(self, *args: Any, instance_mask: torch.Tensor | None = None, **kwargs: Any):
-        """Same arguments as the base model. ``instance_mask`` [B, T] overrides the tokens that an
-        instance-level router averages over (default: the prompt, i.e. labels == -100, or all tokens)."""
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        past_key_values: Any = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        instance_mask: torch.Tensor | None = None,
+        task_types: torch.Tensor | None = None,
+        **kwargs: Any,
+    ):
+        """Same arguments as the base model (named, so that ``transformers.Trainer`` keeps the usual dataset
+        columns, as for a PeftModel). ``instance_mask`` [B, T] overrides the tokens that an
+        instance-level router averages over (default: the prompt, i.e. labels == -100, or all tokens).
+        ``task_types`` [B] (0/1) is each example's task type for LoRAMoE's localized balancing constraint."""
+        named = {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "position_ids": position_ids,
+            "past_key_values": past_key_values,
+            "inputs_embeds": inputs_embeds,
+            "labels": labels,
+            "use_cache": use_cache,
+        }
+        # unset arguments stay unset: the base model's own defaults apply, as when it is called directly
+        kwargs.update({k: v for k, v in named.items() if v is not None})
         self._state.explicit_instance_mask = instance_mask
+        self._state.task_types = task_types
         try:
-            return self.base_model(*args, **kwargs)
+            return self.base_model(**kwargs)
         finally:
             self._state.explicit_instance_mask = None
+            self._state.task_types = None
+
+    def begin_step(self) -> None:
+        """Call at the start of every optimizer step (before its first micro-batch): resets the counts of
+        global-batch load balance (router.balance_scope=global), which then sums them over every
+        micro-batch of the step and, when torch.distributed is initialised, over all ranks."""
+        reduce = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+
+            def reduce(counts: torch.Tensor) -> torch.Tensor:
+                dist.all_reduce(counts)
+                return counts
+
+        self._state.begin_step(reduce)
 
     def generate(self, *args: Any, **kwargs: Any):
         return self.base_model.generate(*args, **kwargs)
@@ -177,6 +218,10 @@ class MoAModel(nn.Module):
         finally:
             self._state.enabled = True
 
+    def disable_adapter(self) -> contextlib.AbstractContextManager[None]:
+        """PEFT's spelling of :meth:`disable_adapters` (TRL and PEFT-style code call this one)."""
+        return self.disable_adapters()
+
     def set_telemetry(self, enabled: bool) -> None:
         self._state.collect_stats = enabled
 
@@ -212,10 +257,15 @@ class MoAModel(nn.Module):
             routers.append(self.moa_config.site_router)
         return any(r.kind != "none" and r.selection != "dense" for r in routers)
 
-    def gradient_checkpointing_enable(self, **kwargs: Any) -> None:
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict | None = None) -> None:
+        """As the HF model's (same argument, also positional, as TRL passes it); non-reentrant by default."""
         # Non-reentrant: gates are computed outside the checkpointed layer body and must get gradients.
-        kwargs.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
-        self.base_model.gradient_checkpointing_enable(**kwargs)
+        kwargs = {"use_reentrant": False, **(gradient_checkpointing_kwargs or {})}
+        self.base_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        if not kwargs["use_reentrant"]:
+            # Only reentrant checkpointing needs an input that requires grad; transformers' embedding hook
+            # forcing one costs a backward through layer 0's input and is a graph break under torch.compile.
+            self.base_model.disable_input_require_grads()
 
     def _device(self) -> torch.device:
         return next(self.base_model.parameters()).device
@@ -245,10 +295,14 @@ class MoAModel(nn.Module):
             raise MoATrainError(
                 f"no {CONFIG_NAME} in {directory}; pass a directory written by save_pretrained"
             )
-        try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise MoATrainError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+        from moa_train.checkpoint import read_json  # one reader: UTF-8, JSON and top-level checks
+
+        data = read_json(path, dict)
+        if not isinstance(data.get("moa_config", {}), dict) or not isinstance(data.get("model") or {}, dict):
+            raise MoATrainError(
+                f"{path}: 'moa_config' and 'model' must be JSON objects; the checkpoint is damaged"
+            )
+        return data
 
     @classmethod
     def from_pretrained(cls, base_model: nn.Module, directory: str | os.PathLike) -> MoAModel:
@@ -262,10 +316,14 @@ class MoAModel(nn.Module):
         weights_path = Path(directory) / WEIGHTS_NAME
         if not weights_path.is_file():
             raise MoATrainError(f"no {WEIGHTS_NAME} in {directory}; the checkpoint is incomplete")
-        model.load_adapter_weights(load_file(str(weights_path)), source=str(weights_path))
+        from moa_train.checkpoint import read_tensors  # one-line errors for truncated or garbage files
+
+        model.load_adapter_weights(read_tensors(weights_path), source=str(weights_path))
         return model
 
     def load_adapter_weights(self, tensors: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+        from moa_train.parallel import like_param
+
         own = self.adapter_state_dict()
         missing = sorted(set(own) - set(tensors))
         unexpected = sorted(set(tensors) - set(own))
@@ -283,7 +341,7 @@ class MoAModel(nn.Module):
                 )
         with torch.no_grad():
             for name, param in own.items():
-                param.copy_(tensors[name].to(param.dtype))
+                param.copy_(like_param(param, tensors[name]))  # FSDP: this rank's shard of it
 
     def unload(self) -> nn.Module:
         """Remove every hook and expert; return the untouched base model."""

@@ -32,7 +32,7 @@ from moa_train.eval.outputs import (
     write_predictions,
 )
 from moa_train.eval.scoring import DEFAULT_MAX_NEW_TOKENS_CAP, evaluate_records
-from moa_train.eval.sources import load_eval_records
+from moa_train.eval.sources import describe_data, load_eval_records
 
 RESULTS_SCHEMA_VERSION = 1
 
@@ -114,10 +114,12 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     ckpt_dir = resolve_checkpoint(cfg.checkpoint) if cfg.get("checkpoint") else None
     run_cfg = find_run_config(ckpt_dir)
     settings = resolve_run_settings(cfg, run_cfg, recorded_precision(ckpt_dir))
-    records = (
-        load_eval_records(OmegaConf.to_container(cfg.eval, resolve=True), run_cfg)
-        if backend == "generate"
-        else []
+    eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
+    records = load_eval_records(eval_cfg, run_cfg) if backend == "generate" else []
+    data = (
+        describe_data(eval_cfg, run_cfg, records)
+        if records
+        else f"eval={eval_cfg.get('name')}: lm-eval tasks"
     )
     model, tokenizer, model_node = load_model_for_eval(cfg, ckpt_dir, settings.precision)
     out_dir = resolve_output_dir(cfg, ckpt_dir)
@@ -137,6 +139,7 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
         if isinstance(model_node, DictConfig)
         else model_node,
         "limit": cfg.eval.get("limit"),
+        "data": data,
         "precision": settings.precision,
         **result,
         "files": {"results": "results.json", **files},
@@ -147,6 +150,9 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     write_json(out_dir / "results.json", results)
     table = markdown_table(results)
     run_ref = log_to_wandb(results, out_dir, wandb_settings(cfg), training_run_id(ckpt_dir))
-    print(f"\n{table}\n\nresults: {out_dir / 'results.json'}" + (f"  (W&B run {run_ref})" if run_ref else ""))
+    print(
+        f"\n{data}\n\n{table}\n\nresults: {out_dir / 'results.json'}"
+        + (f"  (W&B run {run_ref})" if run_ref else "")
+    )
     results["output_dir"] = str(out_dir)
     return results

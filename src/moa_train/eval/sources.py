@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -102,8 +102,9 @@ def _data_sources(eval_cfg: Mapping[str, Any], run_cfg: Any) -> list[tuple[Any, 
         final = OmegaConf.select(run_cfg, "final_eval", default=None) if run_cfg is not None else None
         if run_cfg is None or OmegaConf.select(run_cfg, "data", default=None) is None:
             raise MoATrainError(
-                f"eval={eval_cfg.get('name')} evaluates a training run's held-out split: pass checkpoint=<run dir> "
-                "of a moa-train run (its config.yaml names the data), or set eval.data to a data node"
+                f"eval={eval_cfg.get('name')} (the default) scores the held-out split of the data a checkpoint "
+                "was trained on, and no moa-train run config.yaml records that data: pass checkpoint=<run dir> "
+                f"of a moa-train run, or choose the data with eval=<preset> ({', '.join(eval_presets())})"
             )
         if split == "auto":
             split = (final or {}).get("split") or "test"
@@ -116,6 +117,26 @@ def _data_sources(eval_cfg: Mapping[str, Any], run_cfg: Any) -> list[tuple[Any, 
         if value == "auto":
             raise MoATrainError(f"eval.{name}=auto only works with eval.data=run")
     return [(node, str(split), limit) for node in data or []]
+
+
+def eval_presets() -> list[str]:
+    """Names of the packaged moa-eval presets (configs/eval/*.yaml)."""
+    from moa_train.eval.decoding import config_dir
+
+    return sorted(p.stem for p in (config_dir() / "eval").glob("*.yaml"))
+
+
+def describe_data(eval_cfg: Mapping[str, Any], run_cfg: Any, records: Sequence[Mapping[str, Any]]) -> str:
+    """One line saying which data an evaluation scored (printed above the table, kept in results.json)."""
+    name = eval_cfg.get("name") or "eval"
+    if eval_cfg.get("data") == "run":
+        ((node, split, limit),) = _data_sources(eval_cfg, run_cfg)
+        return (
+            f"eval={name}: split {split!r} of data={node.get('name')} (the training run's data, "
+            f"{len(records)} records{' = its final evaluation' if eval_cfg.get('limit') == 'auto' else ''})"
+        )
+    datasets = list(dict.fromkeys(str(r.get("dataset") or "default") for r in records))
+    return f"eval={name}: {len(records)} records of {', '.join(datasets)}"
 
 
 def _data_module_records(data_cfg: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
