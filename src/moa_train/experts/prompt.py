@@ -11,7 +11,6 @@ o_proj. Prompt keys/values are rebuilt every call and never enter the KV cache.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from moa_train.config import RouterConfig
@@ -131,10 +130,11 @@ class PromptExpert(nn.Module):
             cached = self.__dict__.get("_kv_cache")
             if cached is not None and cached[0] == key:
                 return cached[1]
-        prompt = self.vectors.to(weight_k.dtype)
-        # F.linear on the frozen weights, not the modules: the k/v LoRA hooks must not apply here.
-        keys = F.linear(prompt, weight_k, attn.k_proj.bias).unflatten(-1, (-1, head_dim))
-        values = F.linear(prompt, weight_v, attn.v_proj.bias).unflatten(-1, (-1, head_dim))
+        prompt = self.vectors.to(_input_dtype(attn.k_proj, dtype))
+        # The projections' own forward (the quantized kernels of a 4-/8-bit base included), called directly:
+        # forward() bypasses the module's hooks, so the k/v LoRA experts do not apply to the prompt.
+        keys = attn.k_proj.forward(prompt).unflatten(-1, (-1, head_dim))
+        values = attn.v_proj.forward(prompt).unflatten(-1, (-1, head_dim))
         if getattr(attn, "k_norm", None) is not None:
             keys = attn.k_norm(keys)
         groups = heads // keys.shape[1]
@@ -147,3 +147,12 @@ class PromptExpert(nn.Module):
         else:
             self.__dict__.pop("_kv_cache", None)
         return keys, values
+
+
+def _input_dtype(proj: nn.Module, fallback: torch.dtype) -> torch.dtype:
+    """The dtype a k/v projection takes: its weights' for a plain Linear, the compute dtype of a 4-bit
+    layer (whose weight dtype is only the packed storage), ``fallback`` for int8 weights."""
+    compute = getattr(proj, "compute_dtype", None)
+    if compute is not None:
+        return compute
+    return proj.weight.dtype if proj.weight.is_floating_point() else fallback
