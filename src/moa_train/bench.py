@@ -47,6 +47,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moa_train.errors import ArgumentParser, entry_point
+
 MAIN_VARIANTS = ("frozen_base", "peft_lora_r16", "soft_moa", "sparse_moa", "molora_8", "top2_moe_lora")
 EXTRA_VARIANTS = ("sparse_moa_gather", "sparse_moa_dense", "soft_moa_no_telemetry")
 DECODE_VARIANTS = ("frozen_base", "peft_lora_r16", "soft_moa", "sparse_moa")
@@ -699,7 +701,7 @@ def _setup_from_args(args: argparse.Namespace) -> Setup:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moa-bench",
         description="Training-step time, tokens/s, peak memory and greedy-decode speed of MoA variants vs "
         "PEFT LoRA and the frozen base (same model, same batch, one process, interleaved runs).",
@@ -738,6 +740,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

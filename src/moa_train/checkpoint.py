@@ -16,12 +16,14 @@ that looks finished. Only the last ``keep_last`` step checkpoints are kept.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import random
 import re
+import secrets
 import shutil
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -58,12 +60,23 @@ class ResumeTarget:
 
 
 def resolve_resume(path: str | os.PathLike[str]) -> ResumeTarget:
-    """``resume=<run dir | checkpoint dir>`` -> the run dir and the checkpoint to load."""
+    """``resume=<run dir | checkpoint dir>`` -> the run dir and the checkpoint to load.
+
+    A run dir resumes from its newest complete checkpoint: ``final/`` of a finished run (to extend it),
+    else the highest ``checkpoints/step-<N>/``.
+    """
     target = Path(path).expanduser().resolve()
     if (target / STATE_NAME).is_file():  # a checkpoint (step-N or final)
         run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        if not (run_dir / "config.yaml").is_file():
+            raise MoATrainError(
+                f"resume={path}: {run_dir} has no config.yaml; pass the run dir it belongs to"
+            )
         return ResumeTarget(run_dir, target)
     if (target / "config.yaml").is_file():  # a run dir: its newest complete checkpoint
+        final = target / "final"
+        if (final / STATE_NAME).is_file():
+            return ResumeTarget(target, final)
         return ResumeTarget(target, latest_checkpoint(target))
     raise MoATrainError(
         f"resume={path}: not a run directory (no config.yaml) nor a checkpoint (no {STATE_NAME})"
@@ -75,7 +88,11 @@ def step_checkpoints(run_dir: Path) -> list[Path]:
     root = Path(run_dir) / "checkpoints"
     if not root.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and p.is_dir()]
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / STATE_NAME).is_file()  # the marker is written last
+    ]
     return [p for _, p in sorted(found)]
 
 
@@ -106,39 +123,117 @@ def save_checkpoint(
     ``model`` is the unwrapped MoAModel. Call on all processes: it synchronises them.
     """
     rank, main = accelerator.process_index, accelerator.is_main_process
-    tmp = target.parent / f"{TMP_PREFIX}{target.name}"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a killed save
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    rng_tensors, rng_json = rng_state()
-    save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors"))
-    _write_json(tmp / f"rng-rank{rank}.json", rng_json)
-    tensors, meta = optimizer_state(optimizer, model)  # every rank: under FSDP this gathers the shards
-    with gathered_adapters(model):  # FSDP: every rank takes part; the file is the one 1 process writes
+    # a temp name unique to this process and save (rank 0 picks it, the other ranks receive it)
+    names = [f"{TMP_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}" if main else None]
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        broadcast_object_list(names)
+    tmp = target.parent / names[0]
+    # An OSError (full disk, quota, read-only) is caught per phase and shared with every rank, so all
+    # ranks stop together; the collectives (FSDP gathers) run on every rank whatever happened.
+    failed = _attempt(lambda: (_remove_leftovers(target.parent), tmp.mkdir(parents=True)) if main else None)
+    failed = _agree(accelerator, failed)
+    if failed is None:
+        rng_tensors, rng_json = rng_state()
+        failed = _attempt(
+            lambda: (
+                save_file(rng_tensors, str(tmp / f"rng-rank{rank}.safetensors")),
+                _write_json(tmp / f"rng-rank{rank}.json", rng_json),
+            )
+        )
+        tensors, meta = optimizer_state(optimizer, model)  # every rank: under FSDP this gathers the shards
+        with gathered_adapters(model):  # FSDP: every rank takes part; the file is the one 1 process writes
+            if main and failed is None:
+                failed = _attempt(lambda: model.save_pretrained(tmp, extra_config=extra_config))
+        if main and failed is None:
+            failed = _attempt(
+                lambda: (
+                    save_file(tensors, str(tmp / "optimizer.safetensors")),
+                    _write_json(tmp / "optimizer.json", meta),
+                    _write_json(tmp / "scheduler.json", scheduler.state_dict()),
+                    _write_json(tmp / "scaler.json", scaler.state_dict() if scaler is not None else {}),
+                )
+            )
+        failed = _agree(accelerator, failed)  # every rank's RNG file is in place, or every rank stops
+    if failed is None and main:  # written last: marks a complete directory
+        failed = _attempt(lambda: (_write_json(tmp / STATE_NAME, asdict(state)), _fsync_dir(tmp)))
+    failed = _agree(accelerator, failed)
+    if failed is not None:
         if main:
-            model.save_pretrained(tmp, extra_config=extra_config)
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest_checkpoint(target.parent.parent) if target.parent.name == "checkpoints" else None
+        raise MoATrainError(
+            f"could not write checkpoint {target}: {_reason(failed)}; the temporary folder was removed"
+            + (f" and the previous checkpoint {kept} is kept" if kept else "")
+            + "; free space (or move the run), then resume"
+        ) from failed
     if main:
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        _write_json(tmp / "optimizer.json", meta)
-        _write_json(tmp / "scheduler.json", scheduler.state_dict())
-        _write_json(tmp / "scaler.json", scaler.state_dict() if scaler is not None else {})
-    accelerator.wait_for_everyone()  # every rank's RNG file is in place
-    if main:
-        _write_json(tmp / STATE_NAME, asdict(state))  # written last: marks a complete directory
-        _fsync_dir(tmp)
-        stale = target.parent / f"{TMP_PREFIX}old-{target.name}"
+        stale = target.parent / f"{TMP_PREFIX}old-{names[0][len(TMP_PREFIX) :]}"
         if target.exists():  # e.g. final/ of an earlier session of a resumed run
-            shutil.rmtree(stale, ignore_errors=True)
             os.rename(target, stale)
         os.rename(tmp, target)
-        shutil.rmtree(stale, ignore_errors=True)
         _fsync_dir(target.parent)
+        shutil.rmtree(stale, ignore_errors=True)
         if keep_last:
             for old in step_checkpoints(target.parent.parent)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+                prune(old)
+        for stale_step in _incomplete_steps(target.parent, keep=target):  # a prune a kill interrupted
+            prune(stale_step)
     accelerator.wait_for_everyone()
     return target
+
+
+def prune(checkpoint: Path) -> None:
+    """Delete a checkpoint so that no kill can leave it looking complete: first its completeness
+    marker, then an atomic rename out of the ``step-<N>`` name, then the files."""
+    (checkpoint / STATE_NAME).unlink(missing_ok=True)
+    _fsync_dir(checkpoint)
+    gone = checkpoint.parent / f"{TMP_PREFIX}del-{checkpoint.name}-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(checkpoint, gone)
+    shutil.rmtree(gone, ignore_errors=True)
+
+
+def _incomplete_steps(folder: Path, keep: Path) -> list[Path]:
+    if folder.name != "checkpoints":
+        return []
+    return [
+        p for p in folder.iterdir() if STEP_DIR.match(p.name) and p != keep and not (p / STATE_NAME).is_file()
+    ]
+
+
+def _remove_leftovers(folder: Path) -> None:
+    """Temporary folders of saves or prunings that a kill interrupted (never a complete checkpoint)."""
+    if folder.is_dir():
+        for leftover in folder.glob(f"{TMP_PREFIX}*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _attempt(write: Any) -> OSError | None:
+    try:
+        write()
+    except OSError as exc:
+        return exc
+    return None
+
+
+def _agree(accelerator: Any, failed: OSError | None) -> OSError | None:
+    """Every rank learns whether any rank failed, so that none waits forever for the others."""
+    if accelerator.num_processes == 1:
+        return failed
+    from accelerate.utils import gather_object
+
+    mine = None if failed is None else (failed.errno, failed.strerror, failed.filename)
+    errors = [e for e in gather_object([mine]) if e]
+    if failed is None and errors:
+        failed = OSError(*errors[0])
+    return failed
+
+
+def _reason(exc: OSError) -> str:
+    code = errno.errorcode.get(exc.errno or 0, "")
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"{exc.strerror or exc}{where}" + (f" [{code}]" if code else "")
 
 
 def optimizer_state(optimizer: torch.optim.Optimizer, model: Any) -> tuple[dict[str, torch.Tensor], dict]:
@@ -190,7 +285,7 @@ def load_checkpoint(
     scaler: Any | None,
 ) -> TrainState:
     """Restore adapters, optimizer, scheduler, scaler and this process's RNG; return the state."""
-    state = TrainState(**read_json(path / STATE_NAME))
+    state = read_train_state(path / STATE_NAME)
     if state.world_size != accelerator.num_processes:
         raise MoATrainError(
             f"{path} was written by {state.world_size} process(es) but this run has "
@@ -198,31 +293,69 @@ def load_checkpoint(
         )
     from moa_train.model import WEIGHTS_NAME
 
-    model.load_adapter_weights(load_file(str(path / WEIGHTS_NAME)), source=str(path / WEIGHTS_NAME))
-    meta = read_json(path / "optimizer.json")
-    here = [n for n, _ in _named_in_order(optimizer, model)]
-    if meta["param_names"] != here:
-        raise MoATrainError(f"{path}: the optimizer state belongs to other trainable parameters")
-    tensors = load_file(str(path / "optimizer.safetensors"))
-    per_param: dict[int, dict[str, Any]] = {}
-    for key, value in tensors.items():
-        index, name = key.split(".", 1)
-        per_param.setdefault(int(index), {})[name] = value
-    for index, values in meta["scalars"].items():
-        per_param.setdefault(int(index), {}).update(values)
-    optimizer.load_state_dict(
-        {"state": shard_like_params(optimizer, per_param), "param_groups": meta["param_groups"]}
-    )
-    scheduler.load_state_dict(read_json(path / "scheduler.json"))
-    if scaler is not None:
-        scaler_state = read_json(path / "scaler.json")
-        if scaler_state:
-            scaler.load_state_dict(scaler_state)
     rank = accelerator.process_index
-    set_rng_state(
-        load_file(str(path / f"rng-rank{rank}.safetensors")), read_json(path / f"rng-rank{rank}.json")
-    )
+    # every file is read and checked before anything is restored
+    weights = read_tensors(path / WEIGHTS_NAME)
+    meta = read_json(path / "optimizer.json", dict)
+    tensors = read_tensors(path / "optimizer.safetensors")
+    scheduler_state = read_json(path / "scheduler.json", dict)
+    scaler_state = read_json(path / "scaler.json", dict)
+    rng_tensors = read_tensors(path / f"rng-rank{rank}.safetensors")
+    rng_json = read_json(path / f"rng-rank{rank}.json", dict)
+    model.load_adapter_weights(weights, source=str(path / WEIGHTS_NAME))
+    here = [n for n, _ in _named_in_order(optimizer, model)]
+    if meta.get("param_names") != here:
+        raise MoATrainError(f"{path}: the optimizer state belongs to other trainable parameters")
+    try:  # a structure that does not fit is a damaged checkpoint, named in one line
+        per_param: dict[int, dict[str, Any]] = {}
+        for key, value in tensors.items():
+            index, name = key.split(".", 1)
+            per_param.setdefault(int(index), {})[name] = value
+        for index, values in meta["scalars"].items():
+            per_param.setdefault(int(index), {}).update(values)
+        optimizer.load_state_dict(
+            {"state": shard_like_params(optimizer, per_param), "param_groups": meta["param_groups"]}
+        )
+        scheduler.load_state_dict(scheduler_state)
+        if scaler is not None and scaler_state:
+            scaler.load_state_dict(scaler_state)
+        set_rng_state(rng_tensors, rng_json)
+    except (KeyError, ValueError, TypeError, IndexError, RuntimeError, AttributeError) as exc:
+        raise MoATrainError(
+            f"{path}: the optimizer, scheduler or RNG state is damaged ({' '.join(str(exc).split())[:160]})"
+        ) from None
     return state
+
+
+def read_train_state(path: Path) -> TrainState:
+    """``trainer_state.json``, checked: known keys only, non-negative counts."""
+    data = read_json(path, dict)
+    unknown = sorted(set(data) - {f.name for f in fields(TrainState)})
+    if unknown:
+        raise MoATrainError(
+            f"{path}: unknown key(s) {unknown}; the checkpoint is damaged or from another tool"
+        )
+    state = TrainState(**data)
+    for name in ("step", "epoch", "step_in_epoch", "tokens_seen", "world_size"):
+        value = getattr(state, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise MoATrainError(f"{path}: {name}={value!r} is not a count; the checkpoint is damaged")
+    if not isinstance(state.extra, dict):
+        raise MoATrainError(f"{path}: extra is not an object; the checkpoint is damaged")
+    return state
+
+
+def read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file, with one-line errors naming it (missing, truncated, not safetensors)."""
+    if not Path(path).is_file():
+        raise MoATrainError(f"{path} is missing; the checkpoint is incomplete")
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # SafetensorError or OSError: truncated, garbage, unreadable
+        reason = " ".join(str(exc).split())[:160]
+        raise MoATrainError(
+            f"{path} is not a readable safetensors file ({reason}); the checkpoint is damaged"
+        ) from None
 
 
 def set_rng_state(tensors: dict[str, torch.Tensor], values: dict[str, Any]) -> None:
@@ -253,13 +386,23 @@ def _write_json(path: Path, data: Any) -> None:
         os.fsync(f.fileno())
 
 
-def read_json(path: Path) -> Any:
+def read_json(path: Path, kind: type | None = None) -> Any:
+    """A JSON file of a checkpoint or run, with one-line errors naming it; ``kind``: the expected top level."""
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise MoATrainError(f"{path} is missing; the checkpoint is incomplete") from None
+    except UnicodeDecodeError:
+        raise MoATrainError(f"{path} is not UTF-8 text; the checkpoint is damaged") from None
     except json.JSONDecodeError as exc:
         raise MoATrainError(f"{path} is not valid JSON ({exc}); the checkpoint is damaged") from None
+    except OSError as exc:
+        raise MoATrainError(f"{path} cannot be read ({exc.strerror})") from None
+    if kind is not None and not isinstance(data, kind):
+        raise MoATrainError(
+            f"{path} holds a JSON {type(data).__name__}, expected {kind.__name__}; the checkpoint is damaged"
+        )
+    return data
 
 
 def _fsync_dir(path: Path) -> None:

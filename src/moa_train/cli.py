@@ -64,8 +64,13 @@ def _train(cfg: DictConfig) -> Any:
 @hydra.main(version_base="1.3", config_path="configs", config_name="eval")
 def _eval(cfg: DictConfig) -> Any:
     from moa_train.eval import run_from_config
+    from moa_train.validate import validate
 
-    return _job(run_from_config, cfg)
+    def body(cfg: DictConfig) -> Any:
+        validate(cfg, "eval")  # every value, before a checkpoint or model is read
+        return run_from_config(cfg)
+
+    return _job(body, cfg)
 
 
 def _job(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
@@ -110,10 +115,15 @@ def _guarded(entry: Callable[[], Any]) -> None:
     full = _FULL_TRACEBACK = _wants_traceback(sys.argv[1:])
     previous = os.environ.get("HYDRA_FULL_ERROR")
     rundir.forget_planned()
-    for arg in sys.argv[1:]:  # an explicit run dir that Hydra will create before the job validates
-        key, _, value = arg.lstrip("+").partition("=")
-        if key == "hydra.run.dir" and value:
-            rundir.note_planned(value)
+    for arg in sys.argv[1:]:
+        key, eq, value = arg.lstrip("+~").partition("=")
+        if eq and not key.strip():
+            report(MoATrainError(f"argument {arg!r} has no key; write key=value, e.g. trainer.max_steps=3"))
+        if key == "hydra.run.dir" and value:  # an explicit run dir that Hydra creates before the job runs
+            try:
+                rundir.note_planned(value)
+            except MoATrainError as exc:
+                report(exc)
     # Hydra prints errors itself and exits 1 unless HYDRA_FULL_ERROR is set; setting it makes the
     # exception reach us, so every entry point reports errors the same way (one line).
     os.environ["HYDRA_FULL_ERROR"] = "1"

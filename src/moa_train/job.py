@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
@@ -72,6 +73,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
             rundir.write_atomic(run_dir / "summary.json", _json(summary))
         return summary
 
+    if int(cfg.launcher.get("machine_rank") or 0) > 0:  # a further machine: global rank 0 writes the run dir
+        from moa_train.parallel import join_run
+
+        explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
+        return join_run(cfg, run_dir, explicit or bool(cfg.get("resume")))
+
     from moa_train.data import load_splits
 
     splits = load_splits(cfg.data)  # a bad data file fails here, before the run dir is claimed
@@ -92,14 +99,33 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         config_path = run_dir / rundir.CONFIG_NAME
         if not multirun:  # a sweep's job folder already has them (Hydra writes them there)
             _write_hydra_files(run_dir, cfg, hc)
-    with _log_file(run_dir / "train.log"):
-        log.info("run dir: %s", run_dir)
-        if cfg.launcher.name in ("accelerate", "fsdp"):
-            from moa_train.launch import launch_workers
+    saved_before = _saved(run_dir)
+    try:
+        with _log_file(run_dir / "train.log"):
+            log.info("run dir: %s", run_dir)
+            if cfg.launcher.name in ("accelerate", "fsdp"):
+                from moa_train.launch import launch_workers
 
-            launch_workers(cfg, run_dir, config_path)
-            return read_summary(run_dir)
-        return train(cfg, run_dir, splits=splits)
+                launch_workers(cfg, run_dir, config_path)
+                return read_summary(run_dir)
+            return train(cfg, run_dir, splits=splits)
+    except MoATrainError:
+        # a user error found before anything was saved (data too long for data.max_len, a damaged
+        # checkpoint...) leaves nothing behind: not the new run's folder, not the resume's record
+        if _saved(run_dir) == saved_before:
+            if cfg.get("resume"):
+                shutil.rmtree(config_path.parent, ignore_errors=True)  # resumes/<time>/
+            elif not (run_dir / "metrics.jsonl").exists():
+                shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+
+
+def _saved(run_dir: Path) -> list[tuple[str, float]]:
+    """The complete checkpoints of a run with the time of their completeness marker."""
+    from moa_train.checkpoint import STATE_NAME
+
+    markers = [*run_dir.glob(f"checkpoints/step-*/{STATE_NAME}"), run_dir / "final" / STATE_NAME]
+    return sorted((str(m), m.stat().st_mtime) for m in markers if m.is_file())
 
 
 def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, Path]:
@@ -121,8 +147,10 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
     for key, value in changes.items():
         if key == "resume" or key.startswith("hydra"):
             continue
-        if any(key == k or key.startswith(k + ".") for k in RESUME_MAY_CHANGE):
-            OmegaConf.update(saved, key, value, force_add=True, merge=False)
+        allowed = next((k for k in RESUME_MAY_CHANGE if key == k or key.startswith(k + ".")), None)
+        if allowed is not None:  # the whole allowed node (logger, launcher...) as this command line has it
+            node = OmegaConf.select(cfg, allowed, default=None)
+            OmegaConf.update(saved, allowed, node if node is not None else value, force_add=True, merge=False)
             continue
         before = OmegaConf.select(saved, key, default="<unset>")
         before = OmegaConf.to_container(before, resolve=True) if OmegaConf.is_config(before) else before
@@ -160,7 +188,8 @@ def command_line_changes(cfg: DictConfig, overrides: list[str]) -> dict[str, Any
     base = _flat(compose(config_name=HydraConfig.get().job.config_name, overrides=[]))
     changes = {k: v for k, v in here.items() if base.get(k, _MISSING) != v}
     for key in base.keys() - here.keys():
-        changes[key] = None  # deleted with ~key
+        if not any(name.startswith(key + ".") for name in here):  # not a null that became a node
+            changes[key] = None  # deleted with ~key
     for override in OverridesParser.create().parse_overrides(overrides):
         key = override.key_or_group
         if override.is_delete() or key.startswith("hydra"):
@@ -211,7 +240,8 @@ def _flat(node: Any, prefix: str = "") -> dict[str, Any]:
 
 
 def _show(value: Any) -> str:
-    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    text = "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _json(data: Any) -> str:

@@ -27,17 +27,29 @@ from moa_train.errors import EXIT_PREEMPTED, MoATrainError, Preempted, report
 log = logging.getLogger(__name__)
 
 
-def accelerate_command(num_processes: int, run_dir: Path, port: int, extra: list[str]) -> list[str]:
-    """The ``accelerate launch`` command line for ``num_processes`` workers on this machine."""
+def accelerate_command(
+    num_processes: int,
+    run_dir: Path,
+    port: int,
+    extra: list[str],
+    machines: tuple[int, int, str | None] = (1, 0, None),
+) -> list[str]:
+    """The ``accelerate launch`` command line for ``num_processes`` workers in all, over ``machines`` =
+    (num_machines, this machine's rank, address of machine 0); each machine starts its share."""
+    num_machines, machine_rank, main_ip = machines
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(num_processes)]
     if num_processes > 1:
-        cmd += ["--multi_gpu", "--num_machines", "1", "--main_process_port", str(port)]
+        cmd += ["--multi_gpu", "--num_machines", str(num_machines), "--main_process_port", str(port)]
+        if num_machines > 1:
+            cmd += ["--machine_rank", str(machine_rank), "--main_process_ip", str(main_ip)]
     # Precision and compilation are the recipe's business (trainer.precision), not the launcher's.
     cmd += ["--mixed_precision", "no", "--dynamo_backend", "no", *extra]
     return [*cmd, "-m", "moa_train.launch", str(run_dir)]
 
 
-def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path | None = None) -> None:
+def launch_workers(
+    cfg: DictConfig, run_dir: Path, config_path: Path | None = None, log_dir: Path | None = None
+) -> None:
     """Start the workers on ``config_path`` (default ``run_dir/config.yaml``) and wait.
 
     The workers' output goes to ``<run dir>/workers.log``; their log records are echoed here, their
@@ -49,15 +61,19 @@ def launch_workers(cfg: DictConfig, run_dir: Path, config_path: Path | None = No
     if n < 1:
         raise MoATrainError(f"launcher.num_processes must be >= 1, got {n}")
     config_path = config_path or run_dir / "config.yaml"
-    port = int(cfg.launcher.get("main_process_port") or _free_port())
-    cmd = accelerate_command(n, run_dir, port, [str(a) for a in cfg.launcher.get("extra_args") or []])
+    machines = int(cfg.launcher.get("num_machines") or 1)
+    # several machines must agree on the port: a free port of this machine is only known here
+    port = int(cfg.launcher.get("main_process_port") or (29500 if machines > 1 else _free_port()))
+    extra = [str(a) for a in cfg.launcher.get("extra_args") or []]
+    where = (machines, int(cfg.launcher.get("machine_rank") or 0), cfg.launcher.get("main_process_ip"))
+    cmd = accelerate_command(n, run_dir, port, extra, where)
     cmd.append(str(config_path))
     env = dict(os.environ)
     if str(cfg.trainer.get("device", "auto")) == "cpu" or not _cuda_available():
         env["ACCELERATE_USE_CPU"] = "1"
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // n)))
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) * machines // n)))
     log.info("launching %d worker(s): %s", n, " ".join(cmd))
-    log_path = run_dir / "workers.log"
+    log_path = (log_dir or run_dir) / "workers.log"  # machine_rank > 0: outside the shared run dir
     first_error = last_exception = None
     with open(log_path, "a", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -21,6 +21,8 @@ from moa_train.errors import MoATrainError
 
 log = logging.getLogger(__name__)
 
+WANDB_INIT_TIMEOUT = 15  # seconds before an online W&B start gives up (wandb's own default is 90)
+
 
 class Backend:
     """An external logger. Subclasses override what they support."""
@@ -58,12 +60,15 @@ class WandbBackend(Backend):
             id=resume_id,
             resume="allow" if resume_id else None,
         )
+        if mode == "online":  # a bad key or no network: give up after WANDB_INIT_TIMEOUT s, then go offline
+            kwargs["settings"] = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT)
         try:
             self.run = wandb.init(mode=mode, **kwargs)
         except Exception as exc:  # no network, bad key, server down: keep the metrics locally
             if mode == "offline":
                 raise
             log.warning("wandb init failed (%s); logging offline to %s/wandb", exc, run_dir)
+            kwargs.pop("settings", None)
             self.run = wandb.init(mode="offline", **kwargs)
         self.id = getattr(self.run, "id", None)
 

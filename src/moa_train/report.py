@@ -22,7 +22,6 @@ per method), ``report_jobs.csv`` (one row per job) and ``report.png``.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
@@ -32,6 +31,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from moa_train.errors import ArgumentParser, entry_point
 
 SUMMARY = "summary.json"
 PREDICTIONS = "final_eval_predictions.jsonl"
@@ -650,8 +651,9 @@ def write_report(report: Report, out_dir: Path, plot: bool = True) -> dict[str, 
     return paths
 
 
+@entry_point
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="moa-report",
         description="Tabulate a moa-train sweep: per method, accuracy per dataset (mean ± std over seeds), "
         "trainable params, tokens/s, peak memory; failed jobs are listed. Writes report.md, report.csv, "

@@ -24,8 +24,13 @@ _PLANNED: list[tuple[Path, Path]] = []
 
 
 def note_planned(path: str | os.PathLike[str]) -> None:
-    """Remember ``path`` if it does not exist yet, so that a failed start can remove it again."""
+    """Remember ``path`` if it does not exist yet, so that a failed start can remove it again; refuse a
+    run dir that is, or lies under, a file."""
     run_dir = Path(path).absolute()
+    for candidate in [run_dir, *run_dir.parents]:
+        if candidate.exists() and not candidate.is_dir():
+            where = "is" if candidate == run_dir else f"lies under the file {candidate}, which is"
+            raise MoATrainError(f"run dir {path} {where} not a folder; choose another hydra.run.dir")
     first_new = None
     for candidate in [run_dir, *run_dir.parents]:
         if candidate.exists():

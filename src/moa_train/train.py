@@ -1,7 +1,8 @@
 """The training recipe: setup -> train -> save (-> evaluate), in plain PyTorch + Accelerate.
 
-    run(cfg)                 the Hydra job (moa-train): settle the config, dry run or dispatch
     train(cfg, run_dir)      one process of training; all ranks run it under launcher=accelerate
+    dry_run(cfg)             build the model, print trainable parameters by expert type
+(the Hydra job around them, ``moa-train``, is ``moa_train.job.run``)
 
 Read ``train`` top to bottom: it is the whole recipe (method spec D). Design choices:
 - Batches are planned on the host from ``data.seed`` (``epoch_order``), independent of the init
@@ -33,71 +34,20 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
-from moa_train.checkpoint import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from moa_train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from moa_train.errors import MoATrainError
 from moa_train.memory import peak_memory_mb, reset_peak_memory
+from moa_train.rundir import write_atomic
 
 log = logging.getLogger(__name__)
 
 PRECISIONS = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 SCHEDULES = ("cosine", "constant", "linear")
-RESUME_GROUPS = ("logger", "launcher")  # groups a resumed run may switch; others would change the run
 
 
 # ====================================================================================================
-# The Hydra job
+# Dry run
 # ====================================================================================================
-
-
-def run(cfg: DictConfig) -> dict[str, Any]:
-    """Body of ``moa-train``: resolve ``resume``, then dry-run, train here, or launch workers."""
-    from hydra.core.hydra_config import HydraConfig
-
-    run_dir = Path(HydraConfig.get().runtime.output_dir)
-    if cfg.get("resume"):
-        hydra_cfg = HydraConfig.get()
-        cfg = resumed_config(cfg, list(hydra_cfg.overrides.task), set(hydra_cfg.runtime.choices))
-    if cfg.dry_run:  # the summary too, so that `-m dry_run=true experts=a,b` tabulates parameter counts
-        summary = dry_run(cfg)
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        return summary
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)  # what the workers and resume read
-    if cfg.launcher.name == "accelerate":
-        from moa_train.launch import launch_workers
-
-        launch_workers(cfg, run_dir)
-        return read_summary(run_dir)
-    if cfg.launcher.name != "local":
-        raise MoATrainError(f"launcher={cfg.launcher.name!r} is not known; choose one of local, accelerate")
-    return train(cfg, run_dir)
-
-
-def resumed_config(cfg: DictConfig, overrides: list[str], groups: set[str]) -> DictConfig:
-    """A resumed run keeps its saved config; dotted command-line values (e.g. trainer.max_steps=500)
-    and a different logger or launcher apply on top. Other group changes would make it another run."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
-    target = resolve_resume(cfg.resume)
-    if target.checkpoint is None:
-        raise MoATrainError(
-            f"resume={cfg.resume}: the run has no complete checkpoint yet; start it again without resume"
-        )
-    saved = OmegaConf.load(target.run_dir / "config.yaml")
-    for override in OverridesParser.create().parse_overrides(overrides):
-        key = override.key_or_group
-        if key == "resume" or key.startswith("hydra"):
-            continue
-        if key in RESUME_GROUPS:
-            saved[key] = cfg[key]
-        elif key in groups:
-            raise MoATrainError(
-                f"resume keeps the run's config, so '{override.input_line}' cannot switch the {key} group; "
-                "set single values instead (e.g. trainer.max_steps=500)"
-            )
-        else:
-            OmegaConf.update(saved, key, override.value(), force_add=True)
-    saved.resume = str(target.checkpoint)
-    return saved
 
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
@@ -122,14 +72,30 @@ def dry_run(cfg: DictConfig) -> dict[str, Any]:
 # ====================================================================================================
 
 
-def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[str, Any]:
-    """Train with ``cfg`` into ``run_dir`` as one process of ``expected_world_size``."""
+def train(
+    cfg: DictConfig, run_dir: Path, expected_world_size: int = 1, splits: dict[str, list] | None = None
+) -> dict[str, Any]:
+    """Train with ``cfg`` into ``run_dir`` as one process of ``expected_world_size``.
+
+    SIGTERM, SIGINT and SIGUSR1 finish the current optimizer step, save ``checkpoints/step-<N>/`` and
+    raise :class:`Preempted` (see ``moa_train.preemption``).
+    """
+    from moa_train.preemption import StopSignal
+
+    with StopSignal() as stop:
+        return _train(cfg, run_dir, expected_world_size, stop, splits)
+
+
+def _train(
+    cfg: DictConfig, run_dir: Path, expected_world_size: int, stop: Any, splits: dict[str, list] | None
+) -> dict[str, Any]:
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 
     from moa_train import MoAConfig, get_moa_model
-    from moa_train.base_models import load_base_model
+    from moa_train.base_models import load_base_model, place_base
     from moa_train.logging import make_logger
+    from moa_train.parallel import full_tensor, rank0_loading, shard_model, summary_fields
 
     tc = cfg.trainer
     # ---- processes, logs, seeds ---------------------------------------------------------------
@@ -140,6 +106,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
         raise RuntimeError(f"expected a process group of {expected_world_size}, got world size {world}")
     if expected_world_size > 1:
         _worker_logging(run_dir, main)
+    stop.join(world)  # ranks agree on a stop after the same step
     set_seed(int(cfg.seed) + rank)  # the init seed; the data order has its own seed (data.seed)
     if tc.get("cpu_threads"):  # on a shared CPU, fewer threads avoid spin-waiting on busy cores
         torch.set_num_threads(int(tc.cpu_threads))
@@ -155,9 +122,11 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     # the data is read before the model loads, so a bad data path fails in a second, not after the load
     from moa_train.data import load_splits
 
-    splits = load_splits(cfg.data)
-    base, tokenizer = load_base_model(cfg.model)
-    base.to(device=processes.device, dtype=PRECISIONS[precision])
+    splits = load_splits(cfg.data) if splits is None else splits  # moa-train read them before the run dir
+    fsdp = cfg.launcher.name == "fsdp"  # FSDP2, applied below by moa_train itself (parallel.py)
+    # with rank-0 loading, the other ranks build the base on the meta device and get rank 0's weights
+    base, tokenizer = load_base_model(cfg.model, empty=fsdp and rank > 0 and rank0_loading(cfg))
+    place_base(base, processes.device, PRECISIONS[precision])
     model = get_moa_model(base, MoAConfig.from_dict(_plain(cfg.moa)))
     if tc.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -169,6 +138,8 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     accelerator = Accelerator(
         cpu=use_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))]
     )
+    if fsdp:  # before the optimizer: it must hold the sharded parameters
+        shard_model(model, accelerator.device, cfg)
 
     # ---- data: encoded once, batches planned per epoch from data.seed ------------------------------
     plan = BatchPlan(cfg, tokenizer, world, rank, splits)
@@ -184,7 +155,8 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     autocast = torch.autocast(
         accelerator.device.type, dtype=PRECISIONS[precision], enabled=precision != "fp32"
     )
-    ddp_model = accelerator.prepare_model(model)  # DDP across processes; the model itself for one
+    # DDP across processes; the model itself for one process or under FSDP (already sharded)
+    ddp_model = model if fsdp else accelerator.prepare_model(model)
 
     # ---- resume --------------------------------------------------------------------------------
     state = TrainState(world_size=world)
@@ -194,6 +166,11 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
             scheduler=scheduler, scaler=scaler,
         )  # fmt: skip
         log.info("resumed from %s at step %d (epoch %d)", cfg.resume, state.step, state.epoch)
+        if state.step >= total_steps:
+            raise MoATrainError(
+                f"resume={cfg.resume}: the run is already at step {state.step} of {total_steps}; to train "
+                f"it further add trainer.max_steps=<more than {state.step}>"
+            )
 
     logger = None
     if main:
@@ -221,6 +198,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
         for k in range(state.step_in_epoch, plan.steps_in_epoch(state.epoch)):
             step_batch = plan.step(state.epoch, k)
             lr_now = scheduler.get_last_lr()[0]
+            model.begin_step()  # global-batch load balance counts this step's micro-batches and ranks
             for j, micro in enumerate(step_batch.micro_batches):
                 last = j == len(step_batch.micro_batches) - 1
                 # DDP all-reduces gradients only on the last micro-batch of the step
@@ -231,6 +209,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
                             input_ids=batch["input_ids"],
                             attention_mask=batch["attention_mask"],
                             instance_mask=(batch["labels"] == -100) & batch["attention_mask"].bool(),
+                            task_types=batch.get("task_types"),  # LoRAMoE LBC (when the data has them)
                         )
                     ce = token_cross_entropy(out.logits, batch["labels"])  # summed over tokens, fp32
                     aux = model.aux_loss()  # coefficient-weighted router losses of this forward
@@ -246,6 +225,8 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
                 grad_norm = torch.nn.utils.clip_grad_norm_(trainable, float(tc.grad_clip))
             elif logging_now:
                 grad_norm = torch.nn.utils.get_total_norm([p.grad for p in trainable if p.grad is not None])
+            if grad_norm is not None:
+                grad_norm = full_tensor(grad_norm)  # FSDP: a norm over gradient shards is itself sharded
             if scaler:
                 scaler.step(optimizer)
                 scaler.update()
@@ -263,7 +244,7 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
             if logging_now:
                 metrics = meter.read(accelerator, lr_now, grad_norm)
                 metrics["train/epoch"] = state.epoch + state.step_in_epoch / plan.steps_in_epoch(state.epoch)
-                metrics.update(telemetry.router(model, state.step))
+                metrics.update(telemetry.router(model, state.step, final=state.step == total_steps))
                 if logger:
                     logger.log(metrics, state.step)
                 progress.set_postfix(
@@ -284,6 +265,15 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
                     optimizer=optimizer, scheduler=scheduler, scaler=scaler, state=state,
                     extra_config={"model": model_node}, keep_last=tc.get("keep_last"),
                 )  # fmt: skip
+            if state.step < total_steps and stop.requested():
+                saved = bool(tc.save_every_steps) and state.step % int(tc.save_every_steps) == 0
+                state.train_seconds += time.perf_counter() - started
+                progress.close()
+                _stop_on_signal(
+                    stop, run_dir, state, logger, saved=saved, accelerator=accelerator, model=model,
+                    optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                    extra_config={"model": model_node}, keep_last=tc.get("keep_last"),
+                )  # fmt: skip
             if state.step >= total_steps:
                 break
         else:  # the epoch ran out: the next one has a new order
@@ -292,8 +282,8 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
     state.train_seconds += time.perf_counter() - started
 
     # ---- save ------------------------------------------------------------------------------------
-    digests = gather_object([parameter_digest(trainable)])
-    if len(set(digests)) != 1:  # DDP must have kept every rank's adapters identical
+    digests = gather_object([parameter_digest([full_tensor(p) for p in trainable])])
+    if len(set(digests)) != 1:  # DDP must have kept every rank's adapters identical (FSDP: the gathered ones)
         raise RuntimeError(f"trainable parameters differ across ranks: {digests}")
     state.extra["param_sha256_by_rank"] = digests
     save_checkpoint(
@@ -310,15 +300,17 @@ def train(cfg: DictConfig, run_dir: Path, expected_world_size: int = 1) -> dict[
         "trainable_params": model.num_trainable_parameters(),
         "world_size": world,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
+        **summary_fields(model, cfg.launcher.name),  # parallelism, base_params_per_rank
     }
 
     # ---- evaluate (main process), then tear down cleanly ----------------------------------------
-    if cfg.final_eval.enabled and main:
+    if cfg.final_eval.enabled and (main or fsdp):  # FSDP: every rank runs the forwards (all-gathers)
         records = plan.splits.get(str(cfg.final_eval.split), [])
-        summary.update(final_evaluation(cfg, model, tokenizer, records, autocast, run_dir))
+        summary.update(final_evaluation(cfg, model, tokenizer, records, autocast, run_dir, write=main))
+    if cfg.final_eval.enabled and main:
         logger.log({f"eval/{k}": v for k, v in summary.items() if k.endswith("accuracy")}, state.step)
     if main:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
         logger.close()
     # Free the DDP wrapper and optimizer before the group goes: torch 2.13 + gloo otherwise
     # sometimes aborts a rank at exit ("terminate called without an active exception").
@@ -355,7 +347,11 @@ class BatchPlan:
         tc, dc = cfg.trainer, cfg.data
         self.splits = splits  # read by the caller before the model loads
         self.examples, stats = encode_dataset(
-            splits["train"], tokenizer, int(dc.max_len), bool(dc.get("train_on_inputs", False))
+            splits["train"],
+            tokenizer,
+            int(dc.max_len),
+            bool(dc.get("train_on_inputs", False)),
+            template=str(dc.get("template") or "alpaca"),
         )
         log.info("training examples: %s", stats)
         self.lengths = [len(e["input_ids"]) for e in self.examples]
@@ -374,6 +370,11 @@ class BatchPlan:
             )
         self.accumulation = self.global_batch // (self.micro_batch * world)
         self.steps_per_epoch = len(self.examples) // self.global_batch  # drop_last
+        if not self.examples and stats.get("dropped_no_room"):
+            raise MoATrainError(
+                f"all {stats['dropped_no_room']} training records leave no room for a response within "
+                f"data.max_len={dc.max_len} tokens; raise data.max_len"
+            )
         if self.steps_per_epoch == 0:
             raise MoATrainError(
                 f"trainer.effective_batch_size={self.global_batch} exceeds the {len(self.examples)} "
@@ -540,14 +541,16 @@ class Telemetry:
         self.quiet: dict[tuple[int, str], int] = {}
         self.last_heatmap = 0  # heat-maps at the first log step at or after each multiple of the period
 
-    def router(self, model: Any, step: int) -> dict[str, float]:
+    def router(self, model: Any, step: int, final: bool = False) -> dict[str, float]:
         stats = model.router_stats(reset=True)  # every rank resets; rank 0's statistics are logged
         if self.logger is None or not stats.get("experts") or not stats.get("tokens"):
             return {}
         metrics = router_metrics(stats)
         self._watch_dead(stats, step)
-        if self.heatmap_every and step // self.heatmap_every > self.last_heatmap:
-            self.last_heatmap = step // self.heatmap_every
+        # every heatmap_every_steps, and always at the end of training (a short run gets one too)
+        due = self.heatmap_every and step // self.heatmap_every > self.last_heatmap
+        if due or final:
+            self.last_heatmap = step // self.heatmap_every if self.heatmap_every else step
             from moa_train.plots import save_heatmap
 
             path = self.run_dir / "router" / f"heatmap-step-{step}.png"
@@ -626,7 +629,13 @@ def _max_over_mean(values: list[float]) -> float:
 
 
 def final_evaluation(
-    cfg: DictConfig, model: Any, tokenizer: Any, records: list[dict], autocast: Any, run_dir: Path
+    cfg: DictConfig,
+    model: Any,
+    tokenizer: Any,
+    records: list[dict],
+    autocast: Any,
+    run_dir: Path,
+    write: bool = True,
 ) -> dict[str, Any]:
     """Held-out accuracy of the base model (adapters off) and the tuned model with the same
     ``evaluate_records`` that ``moa-eval`` uses; prints ``<name> accuracy: base=<f> tuned=<f>``."""
@@ -640,7 +649,10 @@ def final_evaluation(
     if ec.get("max_records"):
         records = records[: int(ec.max_records)]
     kwargs = dict(
-        decoding=ec.decoding, batch_size=int(ec.batch_size), max_new_tokens=ec.get("max_new_tokens")
+        decoding=ec.decoding,
+        batch_size=int(ec.batch_size),
+        max_new_tokens=ec.get("max_new_tokens"),
+        template=str(cfg.data.get("template") or "alpaca"),  # prompts as in training
     )
     model.eval()
     model.set_telemetry(False)
@@ -654,6 +666,8 @@ def final_evaluation(
         tuned = evaluate_records(model, tokenizer, records, **kwargs)
     results["tuned_accuracy"] = tuned["accuracy"]
     results["eval_seconds"] = round(time.perf_counter() - started, 1)
+    if not write:  # an FSDP rank other than 0: it took part in the forwards, rank 0 reports
+        return results
     with open(run_dir / "final_eval_predictions.jsonl", "w", encoding="utf-8") as f:
         for prediction in tuned.get("predictions", []):
             f.write(json.dumps(prediction, default=str) + "\n")
@@ -662,6 +676,33 @@ def final_evaluation(
     log.info(line)
     print(line, flush=True)
     return results
+
+
+def _stop_on_signal(
+    stop: Any, run_dir: Path, state: TrainState, logger: Any, *, saved: bool, **save: Any
+) -> None:
+    """After the optimizer step that saw a stop signal: save (if this step was not just saved), record
+    the stop in ``summary.json`` and raise Preempted (all ranks)."""
+    from moa_train.errors import Preempted
+
+    accelerator = save["accelerator"]
+    target = run_dir / "checkpoints" / f"step-{state.step}"
+    if not saved:
+        save_checkpoint(target, state=state, **save)
+    message = f"stopped by {stop.name} after step {state.step}; checkpoint {target}"
+    if accelerator.is_main_process:
+        log.warning(message)
+        summary = {
+            "status": "preempted",
+            "step": state.step,
+            "stop_message": message,
+            "checkpoint": str(target),
+        }
+        write_atomic(run_dir / "summary.json", json.dumps(summary, indent=1) + "\n")
+        if logger:
+            logger.close()
+    accelerator.wait_for_everyone()
+    raise Preempted(message, run_dir)
 
 
 def read_summary(run_dir: Path) -> dict[str, Any]:
