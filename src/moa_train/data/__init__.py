@@ -19,6 +19,7 @@ field                 meaning
 ``missing_hint``      json: where to get the files, shown when a required path is missing
 ``max_len``           training sequence length in tokens (prompt + response + EOS)
 ``train_on_inputs``   false: loss on response + EOS only; true: also on the prompt
+``template``          ``alpaca`` (the paper's prompt) | ``chat`` (the tokenizer's chat template)
 ``group_by_length``   use the length-grouped sampler instead of a plain shuffle
 ``seed``              data-order seed (separate from the model/adapter init seed)
 ``num_train``         optional cap: first N training records of each dataset

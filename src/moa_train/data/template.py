@@ -1,9 +1,13 @@
-"""The Alpaca prompt template used for training and evaluation (method spec E.2).
+"""Prompt templates for training and evaluation (``data.template``).
 
-No system prompt and no chat template: the target is appended directly after ``### Response:``.
+``alpaca`` (the default, the paper's: method spec E.2): no system prompt and no chat template, the target
+is appended directly after ``### Response:``. ``chat``: the tokenizer's own chat template, one user turn
+(the instruction, then the input) and one assistant turn (the output); see ``data/tokenize.py``.
 """
 
 from __future__ import annotations
+
+TEMPLATES = ("alpaca", "chat")
 
 PROMPT_NO_INPUT = (
     "Below is an instruction that describes a task. "
@@ -22,3 +26,8 @@ def build_prompt(instruction: str, input: str | None = None) -> str:
     if input:
         return PROMPT_WITH_INPUT.format(instruction=instruction, input=input)
     return PROMPT_NO_INPUT.format(instruction=instruction)
+
+
+def chat_user_text(instruction: str, input: str | None = None) -> str:
+    """The user turn of the chat template: the instruction, then the input after a blank line."""
+    return f"{instruction}\n\n{input}" if input else instruction

@@ -18,6 +18,12 @@ the official code cut tokens from the left but kept masking the first ``len(prom
    its labels are all -100 and :func:`encode_dataset` drops it (and counts it).
 
 The prompt is never cut, so the mask boundary always sits exactly at the end of the prompt.
+
+``template="chat"``: the prompt is the tokenizer's chat template applied to the user turn with the
+generation prompt (what moa-eval feeds the model); the response is what the template renders after it
+for the assistant turn, up to and including the first EOS (the end-of-turn token of instruct
+tokenizers; EOS is appended when the template ends the turn otherwise). The masking and length rule
+are the same, by position.
 """
 
 from __future__ import annotations
@@ -28,18 +34,44 @@ from typing import Any
 
 import torch
 
-from moa_train.data.template import build_prompt
+from moa_train.data.template import TEMPLATES, build_prompt, chat_user_text
 from moa_train.errors import MoATrainError
 
 IGNORE_INDEX = -100
 
 
-def encode_prompt_ids(tokenizer: Any, instruction: str, input: str = "") -> list[int]:
-    """Token ids of the Alpaca prompt incl. the tokenizer's own special prefix (e.g. BOS).
+def check_template(template: str, tokenizer: Any) -> None:
+    """A one-line error for an unknown template, or ``chat`` with a tokenizer that has no chat template."""
+    if template not in TEMPLATES:
+        raise MoATrainError(f"data.template={template!r} is not known; choose {' or '.join(TEMPLATES)}")
+    if template == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise MoATrainError(
+            "data.template=chat needs a tokenizer with a chat template, and this one has none "
+            "(a base model's tokenizer?); use data.template=alpaca or an instruct model's tokenizer"
+        )
 
-    Matches ``tokenizer(prompt, add_special_tokens=True)`` used at generation time; a trailing EOS
-    that some tokenizers append is removed (the response follows the prompt).
+
+def _chat_ids(tokenizer: Any, instruction: str, input: str, output: str | None = None) -> list[int]:
+    """Chat-template ids of the user turn (+ generation prompt), or of the whole conversation with ``output``."""
+    messages = [{"role": "user", "content": chat_user_text(instruction, input)}]
+    if output is not None:
+        messages.append({"role": "assistant", "content": output})
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=output is None, tokenize=True)
+    return list(ids["input_ids"] if isinstance(ids, Mapping) else ids)
+
+
+def encode_prompt_ids(
+    tokenizer: Any, instruction: str, input: str = "", template: str = "alpaca"
+) -> list[int]:
+    """Token ids of the prompt incl. the tokenizer's own special prefix (e.g. BOS).
+
+    Alpaca: matches ``tokenizer(prompt, add_special_tokens=True)`` used at generation time; a trailing
+    EOS that some tokenizers append is removed (the response follows the prompt). Chat: the user turn
+    through the tokenizer's chat template, ending with the assistant's generation prompt.
     """
+    if template != "alpaca":
+        check_template(template, tokenizer)
+        return _chat_ids(tokenizer, instruction, input)
     ids = list(tokenizer(build_prompt(instruction, input), add_special_tokens=True)["input_ids"])
     if ids and tokenizer.eos_token_id is not None and ids[-1] == tokenizer.eos_token_id:
         ids = ids[:-1]
@@ -50,16 +82,16 @@ def _text_ids(tokenizer: Any, text: str) -> list[int]:
     return list(tokenizer(text, add_special_tokens=False)["input_ids"]) if text else []
 
 
-def _fit_input(tokenizer: Any, instruction: str, input: str, budget: int) -> list[int]:
+def _fit_input(tokenizer: Any, instruction: str, input: str, budget: int, template: str) -> list[int]:
     """Prompt ids with the ``input`` field cut to the longest token prefix whose prompt fits ``budget``."""
     input_ids = _text_ids(tokenizer, input)
-    best = encode_prompt_ids(tokenizer, instruction, "")  # fallback: no input left at all
+    best = encode_prompt_ids(tokenizer, instruction, "", template)  # fallback: no input left at all
     lo, hi = 1, len(input_ids)
     # binary search on the number of kept input tokens; prompt length grows with it
     while lo <= hi:
         mid = (lo + hi) // 2
         kept = tokenizer.decode(input_ids[:mid], skip_special_tokens=True)
-        ids = encode_prompt_ids(tokenizer, instruction, kept)
+        ids = encode_prompt_ids(tokenizer, instruction, kept, template)
         if len(ids) <= budget:
             best, lo = ids, mid + 1
         else:
@@ -67,8 +99,21 @@ def _fit_input(tokenizer: Any, instruction: str, input: str, budget: int) -> lis
     return best
 
 
+def _chat_response(tokenizer: Any, prompt: list[int], instruction: str, input: str, output: str) -> list[int]:
+    """The assistant turn's ids after the generation prompt, without its final EOS (added by the caller)."""
+    full = _chat_ids(tokenizer, instruction, input, output)
+    if full[: len(prompt)] != prompt:
+        raise MoATrainError(
+            "the tokenizer's chat template does not render the user turn as a prefix of the conversation, "
+            "so the loss mask cannot be placed by position; use data.template=alpaca"
+        )
+    response = full[len(prompt) :]
+    eos = tokenizer.eos_token_id
+    return response[: response.index(eos)] if eos in response else response
+
+
 def _encode(
-    record: Mapping[str, Any], tokenizer: Any, max_len: int, train_on_inputs: bool
+    record: Mapping[str, Any], tokenizer: Any, max_len: int, train_on_inputs: bool, template: str = "alpaca"
 ) -> tuple[dict[str, list[int]], int, bool]:
     """(example, prompt length, whether the whole response + EOS fit)."""
     if max_len < 2:
@@ -78,10 +123,13 @@ def _encode(
         raise MoATrainError("the tokenizer has no EOS token; cannot mark the end of a response")
     instruction = str(record["instruction"])
     input_text = str(record.get("input") or "")
-    prompt = encode_prompt_ids(tokenizer, instruction, input_text)
-    output = _text_ids(tokenizer, str(record.get("output") or ""))
+    prompt = encode_prompt_ids(tokenizer, instruction, input_text, template)
+    if template == "chat":
+        output = _chat_response(tokenizer, prompt, instruction, input_text, str(record.get("output") or ""))
+    else:
+        output = _text_ids(tokenizer, str(record.get("output") or ""))
     if len(prompt) + len(output) + 1 > max_len and input_text:
-        prompt = _fit_input(tokenizer, instruction, input_text, max_len - len(output) - 1)
+        prompt = _fit_input(tokenizer, instruction, input_text, max_len - len(output) - 1, template)
     room = max_len - len(prompt)
     if room <= 0:
         ids = prompt[:max_len]
@@ -95,12 +143,17 @@ def _encode(
 
 
 def encode_for_training(
-    record: Mapping[str, Any], tokenizer: Any, max_len: int, train_on_inputs: bool = False
+    record: Mapping[str, Any],
+    tokenizer: Any,
+    max_len: int,
+    train_on_inputs: bool = False,
+    template: str = "alpaca",
 ) -> dict[str, list[int]]:
     """``{"input_ids", "labels"}`` for one record; labels are -100 on the prompt (unless
     ``train_on_inputs``) and the response ids + EOS elsewhere. See the module doc for the length rule.
     """
-    return _encode(record, tokenizer, max_len, train_on_inputs)[0]
+    check_template(template, tokenizer)
+    return _encode(record, tokenizer, max_len, train_on_inputs, template)[0]
 
 
 def num_targets(example: Mapping[str, Sequence[int]]) -> int:
@@ -109,15 +162,20 @@ def num_targets(example: Mapping[str, Sequence[int]]) -> int:
 
 
 def encode_dataset(
-    records: Sequence[Mapping[str, Any]], tokenizer: Any, max_len: int, train_on_inputs: bool = False
+    records: Sequence[Mapping[str, Any]],
+    tokenizer: Any,
+    max_len: int,
+    train_on_inputs: bool = False,
+    template: str = "alpaca",
 ) -> tuple[list[dict[str, list[int]]], dict[str, int]]:
     """Encode all records, dropping those where not one response token fits after the prompt.
 
     Returns ``(examples, stats)``; stats counts ``records``, ``kept``, ``dropped_no_room`` and
     ``truncated`` (response cut, so no EOS)."""
+    check_template(template, tokenizer)
     examples, dropped, truncated = [], 0, 0
     for record in records:
-        example, prompt_len, complete = _encode(record, tokenizer, max_len, train_on_inputs)
+        example, prompt_len, complete = _encode(record, tokenizer, max_len, train_on_inputs, template)
         if len(example["input_ids"]) <= prompt_len:
             dropped += 1
             continue

@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from moa_train.data.template import TEMPLATES
 from moa_train.errors import MoATrainError
 from moa_train.eval.generation import model_device
 
@@ -74,6 +75,10 @@ def base_model_node(cfg: DictConfig, adapter_config: Mapping[str, Any] | None) -
         return cfg.model
     node = OmegaConf.create(saved)
     fields_set = [o.split("model.", 1)[1] for o in overrides if re.match(r"^[+~]*model\.", o)]
+    from moa_train.validate import refuse_code_from_file  # a checkpoint never turns on code loading
+
+    command_line = OmegaConf.create({"model": OmegaConf.from_dotlist(fields_set)})
+    refuse_code_from_file({"model": saved}, command_line, source=f"the checkpoint's {ADAPTER_CONFIG}")
     return OmegaConf.merge(node, OmegaConf.from_dotlist(fields_set)) if fields_set else node
 
 
@@ -86,14 +91,14 @@ def load_model_for_eval(
     as moa-train does ("frozen base in the compute dtype"): the residual stream then has the same
     dtype as during training and its final evaluation, not just the autocast matmuls.
     """
-    from moa_train.base_models import load_base_model
+    from moa_train.base_models import load_base_model, place_base
     from moa_train.model import MoAModel
 
     adapter_config = MoAModel.read_config(ckpt_dir) if ckpt_dir else None
     node = base_model_node(cfg, adapter_config)
     base, tokenizer = load_base_model(node)
-    if PRECISIONS[precision] is not None:
-        base.to(dtype=PRECISIONS[precision])
+    if PRECISIONS[precision] is not None:  # a quantized base keeps its packed weights (place_base)
+        place_base(base, next(base.parameters()).device, PRECISIONS[precision])
     if ckpt_dir is None:
         return base, tokenizer, node
     try:
@@ -133,6 +138,7 @@ class RunSettings:
     precision: str
     decoding: Any = "greedy"
     max_new_tokens: Any = None
+    template: str = "alpaca"
 
 
 def resolve_run_settings(
@@ -168,7 +174,20 @@ def resolve_run_settings(
             decoding = final.get("decoding")
         if max_new is None:
             max_new = final.get("max_new_tokens")
-    return RunSettings(batch_size=int(batch), precision=precision, decoding=decoding, max_new_tokens=max_new)
+    # the prompt template the checkpoint was trained with (data.template), unless given
+    template = str(cfg.get("template") or "auto")
+    if template == "auto":
+        recorded = OmegaConf.select(run_cfg, "data.template", default=None) if run_cfg is not None else None
+        template = str(recorded or "alpaca")
+    if template not in TEMPLATES:
+        raise MoATrainError(f"template={template!r} is not known; choose auto, {', '.join(TEMPLATES)}")
+    return RunSettings(
+        batch_size=int(batch),
+        precision=precision,
+        decoding=decoding,
+        max_new_tokens=max_new,
+        template=template,
+    )
 
 
 def recorded_precision(ckpt_dir: Path | None) -> str | None:

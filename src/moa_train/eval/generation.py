@@ -94,11 +94,12 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
     return ids
 
 
-def encode_prompt(tokenizer: Any, record: Mapping[str, Any]) -> list[int]:
-    """Token ids of a record's Alpaca prompt, tokenised exactly as training tokenises its prompt part."""
+def encode_prompt(tokenizer: Any, record: Mapping[str, Any], template: str = "alpaca") -> list[int]:
+    """Token ids of a record's prompt (``template``: alpaca | chat), tokenised exactly as training
+    tokenises its prompt part."""
     from moa_train.data import encode_prompt_ids
 
-    return encode_prompt_ids(tokenizer, str(record["instruction"]), str(record.get("input") or ""))
+    return encode_prompt_ids(tokenizer, str(record["instruction"]), str(record.get("input") or ""), template)
 
 
 def left_pad(rows: Sequence[Sequence[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,11 +178,12 @@ def generate(
     decoding: DecodingConfig,
     batch_size: int,
     max_new_tokens: int,
+    template: str = "alpaca",
 ) -> GenerationOutput:
-    """Generate an answer for every record (Alpaca prompt), batched by length; results in input order."""
+    """Generate an answer for every record (``template`` prompt), batched by length; results in input order."""
     if batch_size < 1:
         raise MoATrainError(f"batch_size must be >= 1, got {batch_size}")
-    prompts = [encode_prompt(tokenizer, r) for r in records]
+    prompts = [encode_prompt(tokenizer, r, template) for r in records]
     eos_ids = eos_token_ids(model, tokenizer)
     generated: list[list[int]] = [[] for _ in prompts]
     total = Throughput()

@@ -59,6 +59,7 @@ def _evaluate_generate(
         family_max_new_tokens=eval_cfg.get("max_new_tokens"),
         max_new_tokens_cap=cfg.get("max_new_tokens_cap", DEFAULT_MAX_NEW_TOKENS_CAP),
         letter_rule=str(eval_cfg.get("letter_rule") or "first"),
+        template=settings.template,
     )
     write_predictions(out_dir / "predictions.jsonl", result.pop("predictions"))
     files: dict[str, Any] = {"predictions": "predictions.jsonl"}
@@ -141,6 +142,7 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
         "limit": cfg.eval.get("limit"),
         "data": data,
         "precision": settings.precision,
+        "template": settings.template,
         **result,
         "files": {"results": "results.json", **files},
     }

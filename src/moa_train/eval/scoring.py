@@ -132,6 +132,7 @@ def evaluate_records(
     max_new_tokens_cap: int | None = DEFAULT_MAX_NEW_TOKENS_CAP,
     letter_rule: str = "first",
     router_stats: bool | None = None,
+    template: str = "alpaca",
 ) -> dict[str, Any]:
     """Generate, extract and score ``records`` (LLM-Adapters dicts with ``dataset``); one call per eval.
 
@@ -139,7 +140,8 @@ def evaluate_records(
     ``mean_accuracy`` (unweighted over datasets), ``n``, ``correct``, ``datasets`` (per-dataset
     accuracy / n / budget / throughput), ``throughput``, ``predictions`` and, when ``collect_router``
     and the model has router statistics, ``router`` (per dataset) and ``router_cases``.
-    ``router_stats`` is the older spelling of ``collect_router`` (docs/CONTRACTS.md).
+    ``router_stats`` is the older spelling of ``collect_router`` (docs/CONTRACTS.md). ``template``:
+    the prompt template the model was trained with (``data.template``: alpaca | chat).
     """
     if router_stats is not None:
         collect_router = bool(router_stats)
@@ -166,7 +168,13 @@ def evaluate_records(
                     dataset, rule, subset, max_new_tokens, family_max_new_tokens, max_new_tokens_cap
                 )
                 out = generate(
-                    model, tokenizer, subset, decoding=decoding, batch_size=batch_size, max_new_tokens=budget
+                    model,
+                    tokenizer,
+                    subset,
+                    decoding=decoding,
+                    batch_size=batch_size,
+                    max_new_tokens=budget,
+                    template=template,
                 )
                 rows = [
                     _prediction(record, local, text, len(ids), rule)
