@@ -27,6 +27,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import moa_train.cli_help  # noqa: F401  (registers the resolver of the --help templates)
 from moa_train import rundir
 from moa_train.errors import MoATrainError, one_line, report
 
