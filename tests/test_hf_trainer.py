@@ -175,6 +175,10 @@ def test_dpo_trainer_two_steps_reference_is_the_base(tmp_path: Path) -> None:
     data = datasets.Dataset.from_list(
         [{"prompt": f"{i} + {i} =", "chosen": f" {2 * i}", "rejected": f" {2 * i + 1}"} for i in range(8)]
     )
+    # SFT first, then DPO on the same model (the docs' recipe): each trainer installs its own fused head
+    sft = datasets.Dataset.from_list([{"prompt": "1 + 1 =", "completion": " 2"}] * 2)
+    sft_args = trl.SFTConfig(**args(tmp_path / "sft", max_steps=1), max_length=32, bf16=False)
+    moa_trainer(trl.SFTTrainer)(model=model, args=sft_args, train_dataset=sft, processing_class=tok)
     trainer = moa_trainer(trl.DPOTrainer)(
         model=model,
         args=trl.DPOConfig(**args(tmp_path, max_steps=2, save_steps=2), max_length=32, bf16=False),

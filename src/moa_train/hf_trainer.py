@@ -130,7 +130,8 @@ def _fused_head_on_base_model(trainer_cls: type) -> Iterator[None]:
     TRL patches ``model.forward`` with a fused LM head that runs ``model.base_model`` as the backbone. On a
     MoAModel ``base_model`` is the whole causal LM, so the patch goes to that causal LM instead (once, with
     the policy's outputs; the reference shares it): MoAModel.forward and MoAReference.forward call it, and
-    its MoA hooks still run, since they sit on its modules.
+    its MoA hooks still run, since they sit on its modules. Patching an already patched model is safe:
+    the fused path never calls the previous forward, the plain path goes through it unchanged.
     """
     modules = {
         sys.modules[c.__module__]
@@ -139,15 +140,17 @@ def _fused_head_on_base_model(trainer_cls: type) -> Iterator[None]:
     }
     originals = {module: module.add_fused_lm_head for module in modules}
 
+    patched: set[int] = set()  # HF models patched by this trainer (the reference shares the policy's)
+
     def redirect(original: Any) -> Any:
         @functools.wraps(original)
         def add_fused_lm_head(model: Any, *args: Any, **kwargs: Any) -> Any:
             moa = unwrap_moa(model.__dict__.get("moa") if isinstance(model, MoAReference) else model)
             if moa is None:
                 return original(model, *args, **kwargs)
-            if not getattr(moa.base_model, "_moa_fused_head", False):
+            if id(moa.base_model) not in patched:  # a later trainer patches again, with its own outputs
+                patched.add(id(moa.base_model))
                 original(moa.base_model, *args, **kwargs)
-                moa.base_model._moa_fused_head = True
             return None
 
         return add_fused_lm_head
