@@ -427,3 +427,13 @@ def test_prompt_moe_forms_against_plain_torch(form: str) -> None:
             group = torch.einsum("bhtl,lhd->bhtd", probs[..., e, :], values[e * 10 : (e + 1) * 10])
             want += w[..., e][:, None, :, None] * gate * group
     torch.testing.assert_close(got, want.transpose(1, 2), rtol=1e-4, atol=1e-5)
+
+
+def test_router_stats_with_per_layer_expert_counts() -> None:
+    model = get_moa_model(tiny_model(layers=4), METHODS["mola"])
+    with torch.no_grad():
+        model(IDS)
+    stats = model.router_stats()
+    assert stats["experts"] == [f"down.e{i}" for i in range(4)]
+    assert [sum(not math.isnan(v) for v in row) for row in stats["active_frac"]] == [2, 2, 4, 4]
+    assert stats["active_per_token"] == pytest.approx([2.0] * 4)  # top-2 everywhere

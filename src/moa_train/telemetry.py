@@ -7,6 +7,7 @@ router, or for homogeneous baselines the router at the FFN-down site, as the off
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 
@@ -59,16 +60,22 @@ class RouterTelemetry(nn.Module):
 
 
 def summarize(telemetries: list[RouterTelemetry]) -> dict[str, torch.Tensor]:
-    """Stack per-layer sums into [L, E] means (still on device)."""
-    gate = torch.stack([t.gate_sum for t in telemetries])
-    active = torch.stack([t.active_sum for t in telemetries])
+    """Stack per-layer sums into [L, E] means (still on device); layers with fewer experts (per-layer
+    counts, MoLA) are padded with NaN up to the largest E."""
+    width = max(t.num_experts for t in telemetries)
+
+    def padded(sums: torch.Tensor) -> torch.Tensor:
+        return F.pad(sums, (0, width - sums.shape[0]), value=float("nan")) if sums.shape[0] < width else sums
+
+    gate = torch.stack([padded(t.gate_sum) for t in telemetries])
+    active = torch.stack([padded(t.active_sum) for t in telemetries])
     scalars = torch.stack([t.scalars for t in telemetries])
     tokens = scalars[:, 0].clamp_min(1.0)
     return {
         "tokens": scalars[:, 0],
         "mean_gate": gate / tokens[:, None],
         "active_frac": active / tokens[:, None],
-        "active_per_token": active.sum(1) / tokens,
+        "active_per_token": active.nansum(1) / tokens,
         "entropy": scalars[:, 1] / tokens,
         "mean_threshold": scalars[:, 2] / scalars[:, 3].clamp_min(1.0),
         "has_threshold": scalars[:, 3] > 0,
