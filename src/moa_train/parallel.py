@@ -220,3 +220,31 @@ def summary_fields(model: Any, launcher: str) -> dict[str, Any]:
 def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
     """A gradient norm over DTensor gradients is itself a DTensor: its whole value (every rank)."""
     return full_tensor(norm)
+
+
+def join_run(cfg: Any, run_dir: Any, shared_dir: bool) -> dict[str, Any]:
+    """``launcher.machine_rank > 0``: start this machine's workers of a run that machine 0 owns.
+
+    Machine 0 claims the run dir (on storage every machine sees) and its global rank 0 writes everything
+    in it; this machine writes nothing there: its workers read the config from a private copy and its
+    launcher log goes beside that copy. The run dir must be named the same on every machine
+    (``hydra.run.dir=...``), since a timestamped default differs between machines.
+    """
+    import tempfile
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from moa_train.launch import launch_workers
+    from moa_train.train import read_summary
+
+    if not shared_dir:
+        raise MoATrainError(
+            "launcher.machine_rank > 0 needs the run dir of machine 0: pass the same hydra.run.dir=<shared path> "
+            "on every machine"
+        )
+    private = Path(tempfile.mkdtemp(prefix=f"moa-machine{int(cfg.launcher.machine_rank)}-"))
+    config_path = private / "config.yaml"
+    config_path.write_text(OmegaConf.to_yaml(cfg, resolve=True), encoding="utf-8")
+    launch_workers(cfg, Path(run_dir), config_path, log_dir=private)
+    return read_summary(Path(run_dir))
