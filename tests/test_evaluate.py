@@ -677,12 +677,14 @@ def test_heldout_reproduces_a_bf16_runs_final_evaluation_exactly(tmp_path: Path,
     """What the quickstart promises: `moa-eval checkpoint=<run>` (no other argument: eval=heldout is the
     default) gives the accuracy training printed, on the run's own held-out split, and says so."""
     from conftest import compose_config, train_in_process
+    from moa_train.validate import validate
 
     run_dir = tmp_path / "run"
     overrides = ["experiment=tiny", "trainer.precision=bf16", "trainer.max_steps=4", "final_eval.base=false"]
     overrides += ["final_eval.max_records=16", "final_eval.batch_size=5", "final_eval.max_new_tokens=6"]
     summary = train_in_process(run_dir, overrides)
     cfg = compose_config([f"checkpoint={run_dir}"], config_name="eval", hydra=True)
+    validate(cfg, "eval")  # what moa-eval checks first: limit=auto and split=auto are valid values
     results = run_from_config(cfg)
     assert "eval=heldout: split 'test' of data=" in capsys.readouterr().out
     assert results["data"].endswith("16 records = its final evaluation)")
