@@ -437,3 +437,23 @@ def test_router_stats_with_per_layer_expert_counts() -> None:
     assert stats["experts"] == [f"down.e{i}" for i in range(4)]
     assert [sum(not math.isnan(v) for v in row) for row in stats["active_frac"]] == [2, 2, 4, 4]
     assert stats["active_per_token"] == pytest.approx([2.0] * 4)  # top-2 everywhere
+
+
+def test_gathered_site_top_k_under_a_block_slot_that_keeps_no_token() -> None:
+    """Sparse block router + top-k site routers with sparse_impl=gather: a slot that keeps no token hands
+    its site an empty input (padded_rows used to divide by zero)."""
+    cfg = MoAConfig(
+        lora_targets=["q", "v", "down"], lora_experts=4, pa_size=16, prompt_len=0, sparse_impl="gather",
+        router=RouterConfig(kind="swiglu", selection="threshold", const_threshold=True),
+        site_router=RouterConfig(kind="linear", activation="softmax", selection="topk", top_k=1),
+    )  # fmt: skip
+    model = get_moa_model(tiny_model(), cfg)
+    randomize_adapters(model, 1.0)
+    with torch.no_grad():
+        for layer in model._moa_layers:  # gates < 0.5 = Γ everywhere: no slot keeps a token
+            layer.router.net.w2.weight.zero_()
+            layer.router.net.w2.bias.fill_(-10.0)
+        out = model(IDS[:1, :6]).logits
+        with model.disable_adapters():
+            base = model(IDS[:1, :6]).logits
+    torch.testing.assert_close(out, base)  # no expert ran

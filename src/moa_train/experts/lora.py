@@ -125,4 +125,4 @@ class LoRAExperts(nn.Module):
             a = self.A if self.shared_a else self.A[e * r : (e + 1) * r]
             hidden = F.linear(flat[rows], a) * zero_padding(w[rows, e : e + 1] * self.scale, n)
             out.index_add_(0, rows, F.linear(hidden, self.B[:, e * r : (e + 1) * r]).to(out.dtype))
-        return out.reshape(*x.shape[:-1], -1)
+        return out.reshape(*x.shape[:-1], out.shape[-1])  # explicit width: x may have no rows

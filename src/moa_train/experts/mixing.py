@@ -37,9 +37,11 @@ def padded_rows(keep: torch.Tensor) -> tuple[torch.Tensor, int]:
     an expert; callers give the padding a zero gate, so it adds exactly zero."""
     rows = gather_rows(keep)
     n, total = rows.numel(), keep.numel()
+    if n == 0:  # nothing kept (also: an empty input, e.g. a block slot that kept no token)
+        return rows, n
     step = -(-total // GATHER_BUCKETS)
     size = min(total, -(-n // step) * step)
-    if n == 0 or size == n:
+    if size == n:
         return rows, n
     return torch.cat([rows, rows[:1].expand(size - n)]), n
 
