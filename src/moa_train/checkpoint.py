@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from moa_train.errors import MoATrainError
@@ -210,10 +211,17 @@ def _remove_leftovers(folder: Path) -> None:
 
 
 def _attempt(write: Any) -> OSError | None:
+    """Run ``write``; a failed write (full disk, quota, read-only) comes back as an OSError."""
     try:
         write()
     except OSError as exc:
         return exc
+    except SafetensorError as exc:  # safetensors reports I/O errors as "... (os error 28)"
+        match = re.search(r"os error (\d+)", str(exc))
+        if match is None:
+            raise
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
     return None
 
 

@@ -25,6 +25,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from moa_train.compile import COMPILE_MODES
 from moa_train.errors import MoATrainError
 
 _ABSENT = object()
@@ -43,11 +44,14 @@ class Rule:
     choices: tuple[Any, ...] = ()
     null: bool = False
     length: int | None = None  # floats/strs: exact list length
+    also: tuple[Any, ...] = ()  # literal values accepted besides the kind (e.g. "auto")
 
     def check(self, value: Any, where: str) -> None:
         if value is None:
             if not self.null:
                 raise MoATrainError(f"{where} must be set ({self.expected()}); got null")
+            return
+        if any(value == a and type(value) is type(a) for a in self.also):
             return
         if not self._ok(value):
             if self.kind == "choice":
@@ -105,6 +109,7 @@ class Rule:
             if bounds:
                 text += (" (each " if self.kind == "floats" else " ") + " and ".join(bounds)
                 text += ")" if self.kind == "floats" else ""
+        text += "".join(f" or {_show(a)}" for a in self.also)
         return text + (" or null" if self.null else "")
 
 
@@ -117,8 +122,10 @@ def _in_range(v: float, lo: float | None, hi: float | None, above: float | None,
     )
 
 
-def Int(key: str, lo: float | None = None, hi: float | None = None, null: bool = False) -> Rule:  # noqa: N802
-    return Rule(key, "int", lo=lo, hi=hi, null=null)
+def Int(  # noqa: N802
+    key: str, lo: float | None = None, hi: float | None = None, null: bool = False, also: tuple[Any, ...] = ()
+) -> Rule:
+    return Rule(key, "int", lo=lo, hi=hi, null=null, also=also)
 
 
 def Float(  # noqa: N802
@@ -197,6 +204,9 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Choice("precision", "bf16", "fp16", "fp32"),
             Float("grad_clip", above=0, null=True),
             Bool("gradient_checkpointing"),
+            Bool("compile"),
+            Choice("compile_mode", *COMPILE_MODES),
+            Bool("compile_dynamic", null=True),
             Choice("device", "auto", "cpu", "cuda"),
             Int("cpu_threads", lo=1, null=True),
             Int("log_every_steps", lo=1),
@@ -273,7 +283,8 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Int("cpu_threads", lo=1, null=True),
             Choice("template", "auto", "alpaca", "chat"),
         ),
-        "eval": (Int("limit", lo=1, null=True), Bool("skip_missing")),
+        # limit=auto: the heldout preset's record count = the training run's final_eval.max_records
+        "eval": (Bool("skip_missing"),),  # eval.limit: _check_eval_limit
         "model": _MODEL,
         "logger": _LOGGER,
     },
@@ -436,6 +447,21 @@ def _check_types(values: dict[str, Any], defaults: Any, where: str) -> None:
             )
 
 
+def _check_eval_limit(cfg: DictConfig) -> None:
+    """``eval.limit``: null, auto (heldout), N >= 1 items, or a fraction in (0, 1] (lm_eval)."""
+    limit = _get(cfg, "eval.limit", None)
+    ok = (
+        limit is None
+        or limit == "auto"
+        or (isinstance(limit, int) and not isinstance(limit, bool) and limit >= 1)
+        or (isinstance(limit, float) and 0 < limit <= 1)
+    )
+    if not ok:
+        raise MoATrainError(
+            f"eval.limit={_show(limit)} is invalid: expected null, auto, a count >= 1 or a fraction in (0, 1]"
+        )
+
+
 CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
     "train": (
         _check_name,
@@ -447,7 +473,7 @@ CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
         _check_launcher,
         _check_quantization,
     ),  # fmt: skip
-    "eval": (_check_arch, _check_quantization),
+    "eval": (_check_arch, _check_quantization, _check_eval_limit),
 }
 
 
