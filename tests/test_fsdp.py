@@ -8,6 +8,7 @@ gradient-checkpointing matrix against 1 process and DDP, kill -9 + resume, two "
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -17,6 +18,7 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -128,21 +130,23 @@ def test_fsdp_kill9_then_resume_is_bit_identical(tmp_path: Path) -> None:
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     done = run_cli("moa-train", *RESUME, f"hydra.run.dir={reference}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
-    # the launcher and its workers in one process group: kill -9 all of them, as a lost node would
     proc = subprocess.Popen(
         [console_script("moa-train"), *RESUME, f"hydra.run.dir={victim}"],
         cwd=tmp_path,
         env={**os.environ, **OFFLINE_ENV},
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     while not (victim / "checkpoints" / "step-4").is_dir():
         assert proc.poll() is None, "the run ended before its first checkpoint"
         assert time.monotonic() < deadline, "no checkpoint after 5 minutes"
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    # torchrun starts each worker in its own session: kill -9 the launcher and every worker, as a lost node
+    tree = psutil.Process(proc.pid)
+    for process in [tree, *tree.children(recursive=True)]:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGKILL)
     proc.wait()
     assert not (victim / "final").exists(), "killed too late: the run had already finished"
     resumed = run_cli("moa-train", f"resume={victim}", cwd=tmp_path)
