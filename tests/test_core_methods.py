@@ -457,3 +457,25 @@ def test_gathered_site_top_k_under_a_block_slot_that_keeps_no_token() -> None:
         with model.disable_adapters():
             base = model(IDS[:1, :6]).logits
     torch.testing.assert_close(out, base)  # no expert ran
+
+
+def test_task_types_come_from_a_record_field_or_the_dataset_map() -> None:
+    from moa_train.data import TrainCollator, task_types
+
+    records = [
+        {"instruction": "a", "output": "1", "dataset": "boolq", "kind": 1},
+        {"instruction": "b", "output": "2", "dataset": "gsm8k", "kind": None},
+    ]
+    by_map = task_types.assign(records, {"task_types": {"boolq": 1, "default": 0}})
+    assert [r["task_type"] for r in by_map] == [1, 0]
+    by_field = task_types.assign(records, {"task_type_field": "kind", "task_types": {"gsm8k": 1}})
+    assert [r["task_type"] for r in by_field] == [1, 1]  # the map covers a record without the field
+    assert task_types.assign(records, {}) == records
+    with pytest.raises(MoATrainError, match=r"record 1 \(dataset 'gsm8k'\) has no task type"):
+        task_types.assign(records, {"task_types": {"boolq": 1}})
+    with pytest.raises(MoATrainError, match="needs task types"):
+        task_types.check_config({"moa": {"site_router": {"lbc_coef": 0.1}}, "data": {}})
+    with pytest.raises(MoATrainError, match="task types are 0 or 1"):
+        task_types.check_config({"moa": {}, "data": {"task_types": {"boolq": 2}}})
+    batch = TrainCollator(0)([{"input_ids": [5, 6], "labels": [-100, 6], "task_type": t} for t in (1, 0)])
+    assert batch["task_types"].tolist() == [1, 0]
