@@ -13,6 +13,8 @@ from torch import nn
 
 def in_backward() -> bool:
     """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
+    if torch.compiler.is_compiling():
+        return False
     return torch._C._current_graph_task_id() != -1
 
 
