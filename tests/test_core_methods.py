@@ -479,3 +479,20 @@ def test_task_types_come_from_a_record_field_or_the_dataset_map() -> None:
         task_types.check_config({"moa": {}, "data": {"task_types": {"boolq": 2}}})
     batch = TrainCollator(0)([{"input_ids": [5, 6], "labels": [-100, 6], "task_type": t} for t in (1, 0)])
     assert batch["task_types"].tolist() == [1, 0]
+
+
+def test_prompt_moe_adapters_saved_before_the_form_option_load_per_group(tmp_path) -> None:
+    import json
+
+    cfg = MoAConfig.from_dict({**METHODS["prompt_moe"].to_dict(), "prompt_moe_form": "per_group"})
+    model = get_moa_model(tiny_model(), cfg)
+    randomize_adapters(model, 0.3)
+    with torch.no_grad():
+        expected = model(IDS).logits
+    model.save_pretrained(tmp_path)
+    config_path = tmp_path / "adapter_config.json"
+    saved = json.loads(config_path.read_text())
+    del saved["moa_config"]["prompt_moe_form"]  # as written before the option existed
+    config_path.write_text(json.dumps(saved))
+    with torch.no_grad():
+        assert torch.equal(MoAModel.from_pretrained(tiny_model(), tmp_path)(IDS).logits, expected)

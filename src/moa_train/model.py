@@ -312,7 +312,10 @@ class MoAModel(nn.Module):
             raise MoATrainError(
                 f"{Path(directory) / CONFIG_NAME} has no 'moa_config'; it is not a moa_train adapter"
             )
-        model = cls(base_model, MoAConfig.from_dict(data["moa_config"]))
+        saved = dict(data["moa_config"])
+        # adapters saved before prompt_moe_form existed were trained with a softmax and gate per group
+        saved.setdefault("prompt_moe_form", "per_group")
+        model = cls(base_model, MoAConfig.from_dict(saved))
         weights_path = Path(directory) / WEIGHTS_NAME
         if not weights_path.is_file():
             raise MoATrainError(f"no {WEIGHTS_NAME} in {directory}; the checkpoint is incomplete")
