@@ -9,6 +9,8 @@ per model on a 2-core CPU); the Inductor runs of the same checks are marked slow
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -172,3 +174,27 @@ def test_instance_router_decoding_is_refused_in_one_line() -> None:
     with pytest.raises(MoATrainError, match="granularity=instance") as err:
         compile_decoding(model)
     assert "\n" not in str(err.value)
+
+
+def test_trainer_compile_options_are_validated_before_anything_runs(compose) -> None:
+    from moa_train.validate import validate
+
+    validate(compose(["experiment=tiny", "trainer.compile=true", "router=sparse"]))  # dense masked: fine
+    gather = compose(["experiment=tiny", "trainer.compile=true", "router=sparse", "+moa.sparse_impl=gather"])
+    with pytest.raises(MoATrainError, match="trainer.compile=true cannot compile moa.sparse_impl=gather"):
+        validate(gather)
+    with pytest.raises(MoATrainError, match="compile_mode"):
+        validate(compose(["experiment=tiny", "trainer.compile_mode=fastest"]))
+
+
+@pytest.mark.slow
+def test_moa_train_tiny_compiled_runs_end_to_end(tmp_path) -> None:
+    """`moa-train experiment=tiny trainer.compile=true` (Inductor; minutes of C++ builds on 2 CPU cores)."""
+    from conftest import run_cli
+
+    proc = run_cli(
+        "moa-train", "experiment=tiny", "trainer.compile=true", f"hydra.run.dir={tmp_path}", cwd=tmp_path
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["compile_seconds"] > 0 and summary["train_seconds"] > 0

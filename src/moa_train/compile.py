@@ -17,21 +17,25 @@ attention, aux losses and telemetry; tests/test_compile.py pins it per method). 
 from __future__ import annotations
 
 import sys
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from moa_train.errors import MoATrainError
+
+if TYPE_CHECKING:  # torch is imported where it is used: validate.py reads COMPILE_MODES without it
+    import torch
 
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 # Dynamo settings every MoA compile uses (see the module docstring); tests trace under the same ones.
 DYNAMO_SETTINGS = {"skip_fwd_side_effects_in_bwd_under_checkpoint": True}
 
 
-def check_compilable(model: Any, option: str = "trainer.compile") -> None:
-    """Raise a one-line MoATrainError when ``model``'s configuration cannot be compiled as one graph."""
-    cfg = getattr(model, "moa_config", None)
-    if cfg is not None and cfg.sparse_impl == "gather" and model.has_conditional_parameters():
+def check_compilable(cfg: Any, option: str = "trainer.compile") -> None:
+    """Raise a one-line MoATrainError when a MoAConfig (None: a plain model) cannot be compiled as one
+    graph. moa-train calls it while validating the config, before anything is written or loaded."""
+    if cfg is None or cfg.sparse_impl != "gather":
+        return
+    routers = [cfg.router, *([cfg.site_router] if cfg.has_site_routers() else [])]
+    if any(r.kind != "none" and r.selection != "dense" for r in routers):  # the gather path is in use
         raise MoATrainError(
             f"{option}=true cannot compile moa.sparse_impl=gather (each expert runs on a data-dependent "
             "number of tokens, a host sync per step); set moa.sparse_impl=auto (dense masked, same outputs) "
@@ -45,7 +49,9 @@ def _prepare(model: Any, mode: str | None, option: str) -> str:
     mode = mode or "default"
     if mode not in COMPILE_MODES:
         raise MoATrainError(f"{option}_mode={mode!r} is not known; choose one of {', '.join(COMPILE_MODES)}")
-    check_compilable(model, option)
+    import torch
+
+    check_compilable(getattr(model, "moa_config", None), option)
     for key, value in DYNAMO_SETTINGS.items():
         setattr(torch._dynamo.config, key, value)
     return mode
@@ -66,6 +72,8 @@ def compile_model(
     A forward that still breaks the graph stops with a one-line error naming the cause. ``backend``:
     a torch.compile backend (tests use "aot_eager": the same graphs and autograd, no code generation).
     """
+    import torch
+
     mode = _prepare(model, mode, option)
     options = {"mode": mode} if backend == "inductor" else {}
     compiled = torch.compile(model._call_impl, backend=backend, dynamic=dynamic, fullgraph=True, **options)
