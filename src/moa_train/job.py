@@ -91,14 +91,17 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         rundir.write_atomic(
             config_path.parent / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides))
         )
+    elif multirun:  # a numbered job folder of this sweep, where Hydra already wrote .hydra/
+        config_path = run_dir / rundir.CONFIG_NAME
+        if not rundir.write_new(config_path, config_text):
+            raise MoATrainError(
+                f"{run_dir} already holds a run (two sweeps in the same second?); pass hydra.sweep.dir=<new folder>"
+            )
     else:
         explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
-        run_dir = rundir.claim(
-            run_dir, config_text, auto=not (explicit or multirun), overwrite=bool(cfg.get("overwrite"))
-        )
+        run_dir = rundir.claim(run_dir, config_text, auto=not explicit, overwrite=bool(cfg.get("overwrite")))
         config_path = run_dir / rundir.CONFIG_NAME
-        if not multirun:  # a sweep's job folder already has them (Hydra writes them there)
-            _write_hydra_files(run_dir, cfg, hc)
+        _write_hydra_files(run_dir, cfg, hc)
     saved_before = _saved(run_dir)
     try:
         with _log_file(run_dir / "train.log"):
