@@ -496,3 +496,12 @@ def test_prompt_moe_adapters_saved_before_the_form_option_load_per_group(tmp_pat
     config_path.write_text(json.dumps(saved))
     with torch.no_grad():
         assert torch.equal(MoAModel.from_pretrained(tiny_model(), tmp_path)(IDS).logits, expected)
+
+
+def test_ffn_experts_beside_a_block_router() -> None:
+    """MoA's block router over the q,k,v,o LoRA experts; the FFN experts keep their own router."""
+    cfg = MoAConfig.from_dict({**METHODS["mixlora"].to_dict(), "router": {"kind": "swiglu"}})
+    model = get_moa_model(tiny_model(), cfg)
+    assert model._moa_layers[0].slots == ["q", "k", "v", "o"] and model._moa_layers[0].ffn is not None
+    with torch.no_grad():
+        assert torch.isfinite(model(IDS).logits).all()

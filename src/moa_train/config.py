@@ -208,6 +208,11 @@ class MoAConfig:
                 f"router.top_k={self.router.top_k!r}: per-layer maps are for site routers (moa.site_router.top_k)"
             )
         n_block = self.max_block_experts()
+        if self.router.kind != "none" and n_block == 0:
+            raise MoATrainError(
+                "the block router (moa.router) has no expert to gate: block-level FFN experts have their own "
+                "router (moa.site_router); set router=none or add lora_targets / pa_size / prompt_len"
+            )
         if self.router.kind != "none" and self.router.selection == "topk" and self.router.top_k > n_block:
             raise MoATrainError(f"router.top_k={self.router.top_k} exceeds the {n_block} experts of a block")
         self._check_site_top_k()
@@ -220,10 +225,6 @@ class MoAConfig:
             if both:
                 raise MoATrainError(
                     f"ffn_experts puts LoRA experts on gate/up/down already; drop {both} from lora_targets"
-                )
-            if self.router.kind != "none":
-                raise MoATrainError(
-                    "ffn_experts brings its own router (moa.site_router); set moa.router.kind=none (router=none)"
                 )
             if self.lora_rank <= 0:
                 raise MoATrainError(f"lora_rank must be > 0 for ffn_experts, got {self.lora_rank}")

@@ -12,6 +12,8 @@ With top-k routing (MixLoRA) only the k kept experts of a token are computed (se
 otherwise (DynMoLE, dense) every expert runs on every token and unselected ones get weight 0 (dense
 masked compute, as in the DynMoLE release), so activation memory grows with E x the FFN width. With renormalised top-k weights (MixLoRA) the
 output equals the frozen FFN at init (B = 0); with DynMoLE's unnormalised weights it is (sum_i w_i) x it.
+FFN experts are not a slot of the block router: with one (e.g. MoA over q,k,v,o LoRA), it gates the
+block's other experts and the FFN experts keep their own router.
 """
 
 from __future__ import annotations
