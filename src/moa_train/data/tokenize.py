@@ -180,6 +180,8 @@ def encode_dataset(
             dropped += 1
             continue
         truncated += not complete
+        if "task_type" in record:  # LoRAMoE's localized balancing constraint (data/task_types.py)
+            example["task_type"] = int(record["task_type"])
         examples.append(example)
     stats = {
         "records": len(records),
@@ -217,7 +219,10 @@ class TrainCollator:
             input_ids[row, :n] = torch.as_tensor(list(feature["input_ids"]), dtype=torch.long)
             labels[row, :n] = torch.as_tensor(list(feature["labels"]), dtype=torch.long)
             attention_mask[row, :n] = 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        out = {"input_ids": input_ids, "labels": labels, "attention_mask": attention_mask}
+        if "task_type" in features[0]:  # per-example task types (LoRAMoE's localized balancing constraint)
+            out["task_types"] = torch.tensor([int(f["task_type"]) for f in features], dtype=torch.long)
+        return out
 
 
 # ----------------------------------------------------------------------------------------------------

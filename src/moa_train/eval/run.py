@@ -123,6 +123,10 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
         else f"eval={eval_cfg.get('name')}: lm-eval tasks"
     )
     model, tokenizer, model_node = load_model_for_eval(cfg, ckpt_dir, settings.precision)
+    if cfg.get("compile") and backend == "generate":  # compiled decoding steps (static KV cache)
+        from moa_train.compile import compile_decoding
+
+        compile_decoding(model, cfg.get("compile_mode"))
     out_dir = resolve_output_dir(cfg, ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with autocast_for(model, settings.precision):
