@@ -620,6 +620,15 @@ def test_heldout_preset_needs_a_training_run(tmp_path: Path, tok: Any) -> None:
     assert "\n" not in str(info.value)
     with pytest.raises(MoATrainError, match="eval.limit=auto only works with eval.data=run"):
         load_eval_records({**preset, "data": None, "split": "test"}, None)
+    # a run whose data has no held-out records: the presets that can score it
+    train = _write(tmp_path / "train.json", [{"instruction": "q", "output": "a", "answer": "a"}])
+    run = OmegaConf.create(
+        {"data": {"name": "mine", "source": "json", "train_path": str(train), "test_path": None}}
+    )
+    with pytest.raises(
+        MoATrainError, match=r"data mine has an empty 'test' split; choose the data with eval=<preset>"
+    ):
+        load_eval_records(preset, run)
 
 
 def test_instance_router_analysis_pools_over_the_prompt_like_generation(tok: Any) -> None:

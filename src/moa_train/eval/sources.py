@@ -86,7 +86,13 @@ def load_eval_records(eval_cfg: Mapping[str, Any], run_cfg: Any = None) -> list[
     if missing:
         log.warning("skipped %d missing evaluation file(s): %s", len(missing), ", ".join(missing))
     for data_cfg, split, n in sources:
-        records += _data_module_records(data_cfg, split, n)
+        # the heldout preset on a run without a held-out split: say which presets score it instead
+        hint = (
+            f"; choose the data with eval=<preset> ({', '.join(eval_presets())})"
+            if eval_cfg.get("data") == "run"
+            else ""
+        )
+        records += _data_module_records(data_cfg, split, n, hint)
     if not records:
         raise MoATrainError(
             f"eval={eval_cfg.get('name')}: no evaluation data (set eval.files, eval.datasets or eval.data)"
@@ -139,13 +145,20 @@ def describe_data(eval_cfg: Mapping[str, Any], run_cfg: Any, records: Sequence[M
     return f"eval={name}: {len(records)} records of {', '.join(datasets)}"
 
 
-def _data_module_records(data_cfg: Any, split: str, limit: int | None) -> list[dict[str, Any]]:
+def _data_module_records(
+    data_cfg: Any, split: str, limit: int | None, hint: str = ""
+) -> list[dict[str, Any]]:
     """Records of one split of a data-group node (e.g. the embedded BIG-bench tasks) via ``load_splits``."""
     from moa_train.data import load_splits
 
     splits = load_splits(data_cfg)
     if split not in splits or not splits[split]:
-        raise MoATrainError(f"data {data_cfg.get('name')} has no {split!r} split (has {', '.join(splits)})")
+        what = (
+            f"an empty {split!r} split"
+            if split in splits
+            else f"no {split!r} split (has {', '.join(splits)})"
+        )
+        raise MoATrainError(f"data {data_cfg.get('name')} has {what}{hint}")
     rows = list(splits[split])
     rows = rows[: int(limit)] if limit else rows
     validate_records(rows, source=f"data {data_cfg.get('name')} ({split})")
