@@ -26,10 +26,10 @@ import math
 import os
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 from transformers import Trainer, TrainerCallback
 
@@ -230,7 +230,9 @@ class MoATrainerMixin:
         path = os.path.join(directory, WEIGHTS_NAME)
         if not os.path.isfile(path):
             raise MoATrainError(f"no {WEIGHTS_NAME} in {directory}; pass a checkpoint written by MoATrainer")
-        moa.load_adapter_weights(load_file(path), source=path)
+        from moa_train.checkpoint import read_tensors  # one-line errors for truncated or garbage files
+
+        moa.load_adapter_weights(read_tensors(Path(path)), source=path)
         return True
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
