@@ -505,3 +505,51 @@ def test_ffn_experts_beside_a_block_router() -> None:
     assert model._moa_layers[0].slots == ["q", "k", "v", "o"] and model._moa_layers[0].ffn is not None
     with torch.no_grad():
         assert torch.isfinite(model(IDS).logits).all()
+
+
+def _global_balance_rank(rank: int, init_file: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same router weights on both ranks (data parallel)
+        cfg = RouterConfig(
+            selection="topk", top_k=2, load_balance_coef=1.0, balance_scope="global", **SOFTMAX
+        )
+        state = MoAState("auto")
+        router = Router(16, 4, cfg, state)
+        model = MoAModel.__new__(MoAModel)  # only begin_step's rank-reduce wiring is exercised here
+        model.__dict__["_state"] = state
+        MoAModel.begin_step(model)
+        losses = []
+        for m in range(2):
+            state.aux = {}
+            router(*_micro_batch(10 * rank + m))
+            losses.append(state.aux["load_balance"][0])
+        torch.save({"losses": torch.stack(losses), "weight": router.net.weight}, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned processes: ~10-30 s of interpreter start-up
+def test_global_batch_balance_all_reduces_over_real_ranks(tmp_path) -> None:
+    """The trainer's path: MoAModel.begin_step() sums the counts over a real (gloo) process group."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_global_balance_rank, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    weight = results[0]["weight"]
+
+    def counts(rank: int, m: int):
+        x, mask = _micro_batch(10 * rank + m)
+        p = F.linear(x, weight).softmax(-1).reshape(-1, 4)
+        keep = torch.zeros_like(p).scatter(-1, p.topk(2, -1).indices, 1.0)
+        real = mask.reshape(-1)
+        return (keep / 2 * real[:, None]).sum(0), real.sum(), (p * real[:, None]).sum(0) / real.sum()
+
+    for rank in range(2):
+        for m in range(2):
+            seen = [counts(r, j) for r in range(2) for j in range(m + 1)]
+            f = sum(c for c, _, _ in seen) / sum(t for _, t, _ in seen)
+            want = 4 * (f * counts(rank, m)[2]).sum()
+            torch.testing.assert_close(results[rank]["losses"][m], want)
