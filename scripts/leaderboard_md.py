@@ -104,6 +104,9 @@ def build(out: Path) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     ranked = [r for r in table if r["method"] != BASE and r["sort"] >= 0]
     best = ranked[0]["method"] if ranked else "none yet"
+    env = " ".join(
+        f"{k}={info[k]}" for k in ("STEPS", "BATCH", "MICRO", "SEEDS", "EVAL_RECORDS") if k in info
+    )
     budget = (
         f"{info.get('STEPS', '?')} optimizer steps of {info.get('BATCH', '?')} examples "
         f"(micro-batches of {info.get('MICRO', '?')}), seeds {info.get('SEEDS', '?')}, scored on the first "
@@ -118,8 +121,9 @@ def build(out: Path) -> str:
             "3-digit addition, subtraction, multiplication), each method with its source's learning rate "
             "(the MoA paper's rule blr 6e-3 x batch / 256 for MoA and its baselines, MixLoRA included; "
             "MoLA and MoSLoRA 3e-4; DynMoLE and LoRAMoE 2e-4), 3 warmup steps then cosine to 0, bf16 "
-            "autocast on CPU. Presets: the `math_*` ones (structure and routing as documented in each "
-            "preset header; docs/experiments.md).",
+            "autocast on CPU, one intra-op thread. Presets: the `math_*` ones (structure and routing as "
+            "documented in each preset header and docs/experiments.md; on SmolLM2's 30 layers MoLA's "
+            "`[2, 4, 6, 8]` gives 8/7/8/7 layers per group), with the budget's batch instead of theirs.",
             "",
             f"**Budget:** {budget}. This is far below the paper-scale recipe (and below the 128 x 16 the "
             "issue suggested): it is what the project's shared 2-core CPU allowed in the time available, "
@@ -128,10 +132,8 @@ def build(out: Path) -> str:
             "the related methods' sources are a handicap at this budget.",
             f"**Wall time:** {_wall(info)}.",
             "",
-            "**Command:** `scripts/leaderboard.sh "
-            + str(out)
-            + "` (budget through STEPS, BATCH, MICRO, SEEDS, "
-            "EVAL_RECORDS); this page: `.venv/bin/python scripts/leaderboard_md.py " + str(out) + "`.",
+            f"**Command:** `{env} scripts/leaderboard.sh {out}` (run under nice -n 19 on the shared machine); "
+            f"this page: `.venv/bin/python scripts/leaderboard_md.py {out}`.",
             "",
             f"Best mean accuracy at this budget: **{best}**.",
             "",
