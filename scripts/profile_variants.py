@@ -3,6 +3,7 @@
 
     python scripts/profile_variants.py peft_lora_r16 soft_moa            # one training step each
     python scripts/profile_variants.py sparse_moa soft_moa --decode      # greedy decoding (16 new tokens)
+    python scripts/profile_variants.py peft_lora_r16_compiled soft_moa_compiled --layers 2   # torch.compile
 
 Both variants are built on one shared frozen base (as moa-bench does), warmed up, then profiled
 ``--reps`` times; the per-(operator, input shapes) self CPU time (median over reps) of B minus A is
@@ -49,11 +50,12 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2", choices=bench.MODELS)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
+    parser.add_argument("--layers", type=int, default=None, help="keep only the first N decoder layers")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--top", type=int, default=30)
     args = parser.parse_args()
 
-    setup = bench.Setup(args.model, "cpu", args.batch, args.seq, "bfloat16", None, 0)
+    setup = bench.Setup(args.model, "cpu", args.batch, args.seq, "bfloat16", args.layers, 0)
     base, tokenizer, _ = bench.build_base(setup)
     batch = bench.make_batch(tokenizer, base.config.vocab_size, args.batch, args.seq, 0, "cpu")
     prompt = {k: v[:, : min(64, args.seq)] for k, v in batch.items() if k != "labels"}

@@ -12,7 +12,11 @@ from torch import nn
 
 
 def in_backward() -> bool:
-    """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation)."""
+    """True while autograd runs a backward pass (e.g. activation-checkpoint recomputation).
+
+    Always False while torch.compile traces: a compiled forward never runs again in backward (AOTAutograd
+    recomputes inside the compiled backward graph, without Python side effects), and the Python query
+    would split the graph (see moa_train.compile)."""
     if torch.compiler.is_compiling():
         return False
     return torch._C._current_graph_task_id() != -1
