@@ -121,8 +121,8 @@ def test_compute_ratios_and_targets_on_known_numbers() -> None:
 def test_compiled_variants_are_timed_with_their_compile_time(tmp_path) -> None:
     """--compile's variants in the same interleaved rounds (aot_eager here: no C++ build in the test)."""
     out = tmp_path / "bench.json"
-    names = "peft_lora_r16,soft_moa,peft_lora_r16_compiled,soft_moa_compiled"
-    args = [*TINY, "--variants", names, "--compile-backend", "aot_eager", "--steps", "2", "--warmup", "1",
+    names = "soft_moa,peft_lora_r16_compiled,soft_moa_compiled"
+    args = [*TINY, "--variants", names, "--compile-backend", "aot_eager", "--steps", "1", "--warmup", "1",
             "--decode-tokens", "0", "--mem-steps", "0", "--out", str(out)]  # fmt: skip
     assert bench.main(args) == 0
     result = json.loads(out.read_text())
