@@ -12,7 +12,8 @@
 # examples (micro-batches of MICRO [8]), SEEDS [0,125], EVAL_RECORDS [150]. Jobs run seed-major (every
 # method with the first seed before the next seed), so a cut-short run still covers every method;
 # re-running scripts/leaderboard_md.py OUT_DIR on a partial run publishes what finished. ONLY (a comma
-# list of presets) restricts the run to those methods.
+# list of presets) restricts the run to those methods. PARALLEL_SEEDS=1 runs the seeds as concurrent
+# processes (logs in OUT_DIR/seed<N>.log), for a machine with a free core per seed.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 BIN=${BIN:-.venv/bin}
@@ -40,12 +41,12 @@ LR_GROUPS=(
 mkdir -p "$OUT"
 {
   echo "started: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
-  echo "budget: STEPS=$STEPS BATCH=$BATCH MICRO=$MICRO SEEDS=$SEEDS EVAL_RECORDS=$EVAL_RECORDS OMP_NUM_THREADS=$OMP_NUM_THREADS"
+  echo "budget: STEPS=$STEPS BATCH=$BATCH MICRO=$MICRO SEEDS=$SEEDS EVAL_RECORDS=$EVAL_RECORDS PARALLEL_SEEDS=${PARALLEL_SEEDS:-0} OMP_NUM_THREADS=$OMP_NUM_THREADS"
   echo "extra overrides: $*"
 } > "$OUT/budget.txt"
 
-status=0
-for seed in ${SEEDS//,/ }; do
+run_seed() {
+  local seed=$1 status=0
   for group in "${LR_GROUPS[@]}"; do
     lr=${group%% *}
     presets=${group#* }
@@ -61,10 +62,23 @@ for seed in ${SEEDS//,/ }; do
       trainer.save_every_steps=null trainer.heatmap_every_steps=null trainer.progress_bar=false \
       logger=none final_eval.enabled=true final_eval.base=false final_eval.max_records="$EVAL_RECORDS" \
       final_eval.batch_size=64 \
-      hydra.sweep.dir="$OUT/seed${seed}_lr${lr}" "$@" || status=$?
+      hydra.sweep.dir="$OUT/seed${seed}_lr${lr}" ${EXTRA[@]+"${EXTRA[@]}"} || status=$?
   done
-done
-[ $status -eq 0 ] || echo "moa-train exited with status $status: the report lists the failed jobs" >&2
+  [ $status -eq 0 ] || echo "seed $seed: moa-train exited with status $status: the report lists the failed jobs" >&2
+}
+
+EXTRA=("$@")
+if [ "${PARALLEL_SEEDS:-0}" = 1 ]; then
+  # one process per seed (each one intra-op thread): uses one core per seed once the machine is idle
+  for seed in ${SEEDS//,/ }; do
+    run_seed "$seed" > "$OUT/seed${seed}.log" 2>&1 &
+  done
+  wait
+else
+  for seed in ${SEEDS//,/ }; do
+    run_seed "$seed"
+  done
+fi
 
 # The base model (no adapters) on the same held-out items.
 "$BIN/moa-eval" checkpoint=null model=smollm2_135m eval=bigbench '~data@eval.data.commonsense_mix' \
