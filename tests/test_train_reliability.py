@@ -369,3 +369,24 @@ def test_wandb_online_start_is_bounded(tmp_path: Path, monkeypatch: pytest.Monke
     backend = WandbBackend({"mode": "online"}, tmp_path, {}, None)
     assert backend.id == "abc" and WANDB_INIT_TIMEOUT <= 15
     assert calls[0]["settings"].init_timeout == WANDB_INIT_TIMEOUT and calls[1]["mode"] == "offline"
+
+
+@pytest.mark.slow
+def test_a_worker_failure_is_one_line_from_the_launcher(tmp_path: Path) -> None:
+    """Workers fail after loading (a 1-process checkpoint resumed on 2): one line, logs in workers.log."""
+    run = tmp_path / "run"
+    assert invoke(train_main, [*ARGS, "trainer.max_steps=2", "trainer.save_every_steps=1", f"hydra.run.dir={run}"],
+                  tmp_path)[0] == 0  # fmt: skip
+    (run / "final").rename(run / "done")  # resumable from checkpoints/step-2
+    before = snapshot(run)
+    result = run_cli(
+        "moa-train", f"resume={run}", "launcher=accelerate", "launcher.num_processes=2", cwd=tmp_path
+    )
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert result.returncode == 2 and len(errors) == 1, result.stderr[-3000:]
+    assert "worker(s) failed" in errors[0] and "launcher.num_processes=1" in errors[0], errors[0]
+    assert "Traceback" not in result.stderr + result.stdout
+    after = snapshot(run)
+    assert {k: v for k, v in after.items() if not k.startswith(("workers.log", "train.log"))} == {
+        k: v for k, v in before.items() if not k.startswith("train.log")
+    }

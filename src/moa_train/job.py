@@ -118,6 +118,8 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         if _saved(run_dir) == saved_before:
             if cfg.get("resume"):
                 shutil.rmtree(config_path.parent, ignore_errors=True)  # resumes/<time>/
+                with contextlib.suppress(OSError):
+                    config_path.parent.parent.rmdir()  # resumes/, if this was its only session
             elif not (run_dir / "metrics.jsonl").exists():
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
