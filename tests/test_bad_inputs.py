@@ -137,6 +137,10 @@ def _negative_step(data: dict) -> dict:
     return {**data, "step": -3}
 
 
+def _bad_rank(data: dict) -> dict:
+    return {**data, "moa_config": {**data["moa_config"], "lora_rank": "abc"}}
+
+
 def _then(*steps: Callable[[Path], None]) -> Callable[[Path], None]:
     def apply(run: Path) -> None:
         for step in steps:
@@ -221,6 +225,8 @@ CASES = [
     _train("max-len-one", "data.max_len=1"),
     _train("data-seed-negative", "data.seed=-1"),
     _train("num-train-zero", "data.num_train=0"),
+    _train("final-eval-decoding-unknown", "final_eval.enabled=true", "final_eval.decoding=nope"),
+    _train("final-eval-split-missing", "final_eval.enabled=true", "final_eval.split=validation"),
     # ---- data ----------------------------------------------------------------------------------
     _train("data-file-missing", "data=custom", "data.train_path={tmp}/missing.json"),
     _train("data-path-is-a-folder", "data=custom", "data.train_path={tmp}"),
@@ -349,6 +355,12 @@ CASES = [
         copy=_truncate("final/adapter_model.safetensors"),
     ),  # fmt: skip
     Case(
+        "eval-moa-config-bad-rank",
+        eval_main,
+        ["checkpoint={copy}/final", "eval=heldout"],
+        copy=_edit_json("final/adapter_config.json", _bad_rank),
+    ),
+    Case(
         "eval-trust-remote-code",
         eval_main,
         ["checkpoint={copy}/final", "eval=heldout"],
@@ -410,18 +422,28 @@ def test_console_scripts_report_the_same_way(finished: Path, tmp_path: Path) -> 
     assert not (tmp_path / "runs").exists(), "a failed start left a run folder"
 
 
-def test_unexpected_exception_is_one_line_with_its_type(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize(
+    "exc, status, line",
+    [
+        (
+            RuntimeError("something nobody checked"),
+            1,
+            "error: something nobody checked (RuntimeError); set HYDRA_FULL_ERROR=1 for the traceback",
+        ),
+        (KeyboardInterrupt(), 130, "error: interrupted (KeyboardInterrupt)"),  # Ctrl-C outside the loop
+    ],
+)
+def test_unexpected_exception_is_one_line_with_its_type(
+    tmp_path: Path, monkeypatch, exc: BaseException, status: int, line: str
+) -> None:
     """The last line of defence: an exception no check foresaw still becomes one line."""
     import moa_train.train
 
     def boom(*args: object, **kwargs: object) -> None:
-        raise RuntimeError("something nobody checked")
+        raise exc
 
     monkeypatch.setattr(moa_train.train, "_train", boom)
     code, output = invoke(train_main, [*RUN, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
-    assert code == 1
-    lines = [line for line in output.splitlines() if line.startswith("error:")]
-    assert lines == [
-        "error: something nobody checked (RuntimeError); set HYDRA_FULL_ERROR=1 for the traceback"
-    ]
+    assert code == status
+    assert [x for x in output.splitlines() if x.startswith("error:")] == [line]
     assert "Traceback" not in output

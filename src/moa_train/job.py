@@ -82,6 +82,12 @@ def run(cfg: DictConfig) -> dict[str, Any]:
     from moa_train.data import load_splits
 
     splits = load_splits(cfg.data)  # a bad data file fails here, before the run dir is claimed
+    split = str(cfg.final_eval.get("split"))
+    if cfg.final_eval.get("enabled") and not splits.get(split):
+        raise MoATrainError(
+            f"final_eval.split={split} is empty or missing in data={cfg.data.get('name', '?')} "
+            f"(splits: {', '.join(k for k, v in splits.items() if v) or 'none'}); set final_eval.enabled=false"
+        )
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
     if cfg.get("resume"):
         stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"

@@ -282,6 +282,8 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Int("router_case", lo=0),
             Int("cpu_threads", lo=1, null=True),
             Choice("template", "auto", "alpaca", "chat"),
+            Bool("compile"),
+            Choice("compile_mode", *COMPILE_MODES),
         ),
         # limit=auto: the heldout preset's record count = the training run's final_eval.max_records
         "eval": (Bool("skip_missing"),),  # eval.limit: _check_eval_limit
@@ -402,24 +404,54 @@ def _check_quantization(cfg: DictConfig) -> None:
         raise MoATrainError(f"model.quantization={kind} needs real weights; set model.meta_device=false")
 
 
+def check_moa_config(plain: dict[str, Any], where: str) -> None:
+    """A ``moa`` node (from the config or a checkpoint's ``moa_config``): field types, then MoAConfig."""
+    from moa_train.config import MoAConfig, RouterConfig
+
+    _check_types(plain, MoAConfig(), where)
+    for sub in ("router", "site_router"):
+        if isinstance(plain.get(sub), dict):
+            _check_types(plain[sub], RouterConfig(), f"{where}.{sub}")
+    try:
+        MoAConfig.from_dict(plain)
+    except MoATrainError as exc:
+        raise MoATrainError(f"{where}: {exc}") from None
+    except (TypeError, ValueError) as exc:
+        raise MoATrainError(f"{where}: {exc}; check the moa values") from None
+
+
+def _check_final_eval(cfg: DictConfig) -> None:
+    """A decoding preset that does not exist would only fail after training."""
+    decoding = _get(cfg, "final_eval.decoding", None)
+    if _get(cfg, "final_eval.enabled", False) is True and isinstance(decoding, str):
+        from moa_train.eval.decoding import DecodingConfig
+
+        try:
+            DecodingConfig.from_any(decoding)
+        except MoATrainError as exc:
+            raise MoATrainError(f"final_eval.decoding: {exc}") from None
+
+
 def _check_moa(cfg: DictConfig) -> None:
     """Types against MoAConfig's fields (so new options are covered), then MoAConfig's own checks."""
-    from moa_train.config import MoAConfig, RouterConfig
 
     moa = _get(cfg, "moa")
     if not isinstance(moa, DictConfig):
         return
-    plain = OmegaConf.to_container(moa, resolve=True)
-    _check_types(plain, MoAConfig(), "moa")
-    for sub in ("router", "site_router"):
-        if isinstance(plain.get(sub), dict):
-            _check_types(plain[sub], RouterConfig(), f"moa.{sub}")
-    try:
-        MoAConfig.from_dict(plain)
-    except MoATrainError as exc:
-        raise MoATrainError(f"moa: {exc}") from None
-    except (TypeError, ValueError) as exc:
-        raise MoATrainError(f"moa: {exc}; check the moa.* values") from None
+    check_moa_config(OmegaConf.to_container(moa, resolve=True), "moa")
+    from moa_train.data import task_types
+
+    task_types.check_config(cfg)  # LoRAMoE's LBC needs per-example task types from the data
+
+
+def _check_compile(cfg: DictConfig) -> None:
+    """trainer.compile=true: the MoA configuration must compile as one graph (not the gather path)."""
+    moa = _get(cfg, "moa")
+    if _get(cfg, "trainer.compile", False) is True and isinstance(moa, DictConfig):
+        from moa_train.compile import check_compilable
+        from moa_train.config import MoAConfig
+
+        check_compilable(MoAConfig.from_dict(OmegaConf.to_container(moa, resolve=True)), "trainer.compile")
 
 
 def _check_types(values: dict[str, Any], defaults: Any, where: str) -> None:
@@ -470,8 +502,10 @@ CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
         _check_warmup,
         _check_arch,
         _check_moa,
+        _check_compile,
         _check_launcher,
         _check_quantization,
+        _check_final_eval,
     ),  # fmt: skip
     "eval": (_check_arch, _check_quantization, _check_eval_limit),
 }
