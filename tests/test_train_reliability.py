@@ -390,3 +390,38 @@ def test_a_worker_failure_is_one_line_from_the_launcher(tmp_path: Path) -> None:
     assert {k: v for k, v in after.items() if not k.startswith(("workers.log", "train.log"))} == {
         k: v for k, v in before.items() if not k.startswith("train.log")
     }
+
+
+@pytest.mark.slow
+def test_sigterm_under_ddp_saves_one_step_for_all_ranks(tmp_path: Path) -> None:
+    """2 DDP workers: SIGTERM to the launching process reaches the workers, both ranks stop after the
+    same step and save it, and the run resumes from there."""
+    run = tmp_path / "run"
+    args = [
+        *ARGS,
+        "trainer.max_steps=400",
+        "launcher=accelerate",
+        "launcher.num_processes=2",
+        f"hydra.run.dir={run}",
+    ]
+    proc = subprocess.Popen(
+        [console_script("moa-train"), *args], cwd=tmp_path, env={**os.environ, **OFFLINE_ENV},
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.monotonic() + 600
+    while not (run / "metrics.jsonl").is_file() or len((run / "metrics.jsonl").read_text().splitlines()) < 3:
+        assert proc.poll() is None, proc.stderr.read()[-3000:]
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == EXIT_PREEMPTED, stderr[-3000:]
+    assert "resume with: moa-train resume=" in stderr and "Traceback" not in stderr
+    (saved,) = checkpoint.step_checkpoints(run)
+    step = json.loads((saved / "trainer_state.json").read_text())["step"]
+    assert (saved / "rng-rank0.safetensors").is_file() and (saved / "rng-rank1.safetensors").is_file()
+    resumed = run_cli(
+        "moa-train", f"resume={run}", f"trainer.max_steps={step + 1}", cwd=tmp_path, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert json.loads((run / "final" / "trainer_state.json").read_text())["step"] == step + 1

@@ -302,6 +302,10 @@ class MoAModel(nn.Module):
             raise MoATrainError(
                 f"{path}: 'moa_config' and 'model' must be JSON objects; the checkpoint is damaged"
             )
+        if "moa_config" in data:
+            from moa_train.validate import check_moa_config
+
+            check_moa_config(data["moa_config"], f"{path} moa_config")
         return data
 
     @classmethod
