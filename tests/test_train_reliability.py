@@ -134,15 +134,19 @@ def test_stop_signal_saves_the_step_and_resume_is_bit_identical(
 
 
 def test_resume_extends_a_finished_run_with_max_steps(tmp_path: Path) -> None:
+    from moa_train.logging import read_metrics
+
     run = tmp_path / "run"
-    assert invoke(train_main, [*ARGS, "trainer.max_steps=2", f"hydra.run.dir={run}"], tmp_path)[0] == 0
+    assert invoke(train_main, [*ARGS, "trainer.max_steps=4", f"hydra.run.dir={run}"], tmp_path)[0] == 0
     config = (run / "config.yaml").read_bytes()
     code, output = invoke(train_main, [f"resume={run}"], tmp_path)
-    assert code == 2 and "already finished at step 2" in _errors(output)[0]
-    code, output = invoke(train_main, [f"resume={run}", "trainer.max_steps=3", "logger=none"], tmp_path)
+    assert code == 2 and "already finished at step 4" in _errors(output)[0]
+    code, output = invoke(train_main, [f"resume={run}", "trainer.max_steps=6", "logger=none"], tmp_path)
     assert code == 0, output[-2000:]
-    assert json.loads((run / "final" / "trainer_state.json").read_text())["step"] == 3
+    assert json.loads((run / "final" / "trainer_state.json").read_text())["step"] == 6
     assert (run / "config.yaml").read_bytes() == config
+    lr = {r["step"]: r["train/lr"] for r in read_metrics(run) if "train/lr" in r}
+    assert lr[5] > 0  # the cosine re-planned over 6 steps, not stuck at min_lr after the old 4
 
 
 @pytest.mark.slow

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train.checkpoint import TrainState, load_checkpoint, save_checkpoint
+from moa_train.compile import compile_seconds
 from moa_train.errors import MoATrainError
 from moa_train.memory import peak_memory_mb, reset_peak_memory
 from moa_train.rundir import write_atomic
@@ -140,6 +141,10 @@ def _train(
     )
     if fsdp:  # before the optimizer: it must hold the sharded parameters
         shard_model(model, accelerator.device, cfg)
+    if tc.get("compile"):  # one graph per forward (moa_train.compile); compiles lazily at the first step
+        from moa_train.compile import compile_model
+
+        compile_model(model, tc.get("compile_mode"), tc.get("compile_dynamic"))
 
     # ---- data: encoded once, batches planned per epoch from data.seed ------------------------------
     plan = BatchPlan(cfg, tokenizer, world, rank, splits)
@@ -166,6 +171,7 @@ def _train(
             scheduler=scheduler, scaler=scaler,
         )  # fmt: skip
         log.info("resumed from %s at step %d (epoch %d)", cfg.resume, state.step, state.epoch)
+        _replan_schedule(scheduler, total_steps)
         if state.step >= total_steps:
             raise MoATrainError(
                 f"resume={cfg.resume}: the run is already at step {state.step} of {total_steps}; to train "
@@ -193,7 +199,7 @@ def _train(
     )  # fmt: skip
     model.reset_router_stats()
     meter = Meter(accelerator.device)
-    started = time.perf_counter()
+    started, compiled_before = time.perf_counter(), compile_seconds()
     while state.step < total_steps:
         for k in range(state.step_in_epoch, plan.steps_in_epoch(state.epoch)):
             step_batch = plan.step(state.epoch, k)
@@ -210,6 +216,7 @@ def _train(
                             attention_mask=batch["attention_mask"],
                             instance_mask=(batch["labels"] == -100) & batch["attention_mask"].bool(),
                             task_types=batch.get("task_types"),  # LoRAMoE LBC (when the data has them)
+                            use_cache=False,  # no KV cache in training (under checkpointing: a graph break)
                         )
                     ce = token_cross_entropy(out.logits, batch["labels"])  # summed over tokens, fp32
                     aux = model.aux_loss()  # coefficient-weighted router losses of this forward
@@ -280,6 +287,10 @@ def _train(
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
     progress.close()
     state.train_seconds += time.perf_counter() - started
+    compile_time = compile_seconds() - compiled_before  # logged apart from step time (train_seconds, tok/s)
+    state.train_seconds -= compile_time
+    if tc.get("compile"):
+        log.info("torch.compile: %.1f s compiling forward and backward (not in step time)", compile_time)
 
     # ---- save ------------------------------------------------------------------------------------
     digests = gather_object([parameter_digest([full_tensor(p) for p in trainable])])
@@ -297,6 +308,7 @@ def _train(
         "train/loss": meter.last_loss,
         "train/tokens_per_s": round(state.tokens_seen / max(state.train_seconds, 1e-9), 1),
         "train_seconds": round(state.train_seconds, 1),
+        **({"compile_seconds": round(compile_time, 1)} if tc.get("compile") else {}),
         "trainable_params": model.num_trainable_parameters(),
         "world_size": world,
         "peak_memory_mb": peak_memory_mb(accelerator.device),
@@ -346,8 +358,10 @@ class BatchPlan:
 
         tc, dc = cfg.trainer, cfg.data
         self.splits = splits  # read by the caller before the model loads
+        from moa_train.data import task_types
+
         self.examples, stats = encode_dataset(
-            splits["train"],
+            task_types.assign(splits["train"], dc),  # LoRAMoE LBC: a 0/1 task type per record, if configured
             tokenizer,
             int(dc.max_len),
             bool(dc.get("train_on_inputs", False)),
@@ -448,6 +462,20 @@ def build_optimizer(model: torch.nn.Module, opt_cfg: DictConfig, lr: float) -> t
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(opt_cfg.betas), eps=float(opt_cfg.eps))
+
+
+def _replan_schedule(scheduler: Any, total_steps: int) -> None:
+    """LambdaLR restores the saved plan; a resume with a new trainer.max_steps re-plans the decay over
+    it (an extended run would otherwise go on at min_lr), from the current step on."""
+    changed = False
+    for schedule in scheduler.lr_lambdas:
+        if isinstance(schedule, LRSchedule) and schedule.total != total_steps:
+            schedule.total, changed = total_steps, True
+    if changed:
+        groups = scheduler.optimizer.param_groups
+        for group, base, schedule in zip(groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            group["lr"] = base * schedule(scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in groups]
 
 
 class LRSchedule:
