@@ -104,8 +104,11 @@ def shard_model(model: Any, device: torch.device, cfg: Any) -> None:
 
     from moa_train.inject import find_decoder_layers
 
-    if not dist.is_initialized():
-        raise RuntimeError("launcher=fsdp needs a process group (start through moa-train launcher=fsdp)")
+    if not dist.is_initialized():  # one process (launcher.num_processes=1): a group of one, same code path
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend, store=dist.HashStore(), rank=0, world_size=1, device_id=_device_id(device)
+        )
     cpu_offload = bool(cfg.launcher.get("cpu_offload", False))
     if cpu_offload and device.type != "cuda":
         raise MoATrainError("launcher.cpu_offload=true offloads GPU memory; on CPU set it to false")
@@ -149,6 +152,10 @@ def _load_from_rank0(base: nn.Module, full_state: dict[str, torch.Tensor], devic
     set_model_state_dict(base, full_state, options=options)
     for buffer in base.buffers():
         dist.broadcast(buffer.data, src=0)
+
+
+def _device_id(device: torch.device) -> torch.device | None:
+    return device if device.type == "cuda" else None
 
 
 def _unshard_hook(moa: nn.Module):
@@ -212,9 +219,17 @@ def base_params_per_rank(model: Any) -> int:
 def summary_fields(model: Any, launcher: str) -> dict[str, Any]:
     """What ``summary.json`` records about the parallelism actually in effect."""
     parallelism = "fsdp2" if is_sharded(model.base_model) else PARALLELISM.get(launcher, launcher)
-    if parallelism == "ddp" and not (dist.is_initialized() and dist.get_world_size() > 1):
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    if parallelism == "ddp" and not distributed:
         parallelism = "none"
-    return {"parallelism": parallelism, "base_params_per_rank": base_params_per_rank(model)}
+    fields: dict[str, Any] = {"parallelism": parallelism, "base_params_per_rank": base_params_per_rank(model)}
+    if distributed:  # a collective: every rank's own peak (rank 0's alone hides an uneven split)
+        from moa_train.memory import peak_memory_mb
+
+        peaks: list[Any] = [None] * dist.get_world_size()
+        dist.all_gather_object(peaks, peak_memory_mb(model._device()))
+        fields["peak_memory_mb_by_rank"] = peaks
+    return fields
 
 
 def grad_norm_value(norm: torch.Tensor) -> torch.Tensor:
