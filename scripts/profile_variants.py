@@ -4,6 +4,7 @@
     python scripts/profile_variants.py peft_lora_r16 soft_moa            # one training step each
     python scripts/profile_variants.py sparse_moa soft_moa --decode      # greedy decoding (16 new tokens)
     python scripts/profile_variants.py peft_lora_r16_compiled soft_moa_compiled --layers 2   # torch.compile
+    (with TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1 Inductor's generated kernels show one by one)
 
 Both variants are built on one shared frozen base (as moa-bench does), warmed up, then profiled
 ``--reps`` times; the per-(operator, input shapes) self CPU time (median over reps) of B minus A is
@@ -37,6 +38,8 @@ def profile_ops(run, reps: int) -> dict[tuple[str, str], tuple[float, int]]:
         for event in prof.key_averages(group_by_input_shape=True):
             # a compiled graph's name is its hash: one row for Inductor's generated code of either variant
             name = re.sub(r"CompiledFxGraph \w+", "CompiledFxGraph (generated kernels)", event.key)
+            # Inductor kernels (TORCHINDUCTOR_CPP_ENABLE_KERNEL_PROFILE=1): graph_<i>_<fused ops>_<j> -> fused ops
+            name = re.sub(r"^graph_\d+_(.*?)_\d+$", r"\1", name)
             key = (name, str(event.input_shapes)[:100])
             ms, calls = rep.get(key, (0.0, 0))
             rep[key] = (ms + event.self_cpu_time_total / 1000, calls + event.count)
@@ -83,7 +86,9 @@ def main() -> None:
           f"{args.b} {sum(v[0] for v in b.values()):.1f} ms")  # fmt: skip
     print(f"{'B - A (ms)':>10}  {'A ms / calls':>16}  {'B ms / calls':>16}  operator, input shapes")
     none = (0.0, 0)
-    for key in sorted(set(a) | set(b), key=lambda k: -(b.get(k, none)[0] - a.get(k, none)[0]))[: args.top]:
+    order = sorted(set(a) | set(b), key=lambda k: -(b.get(k, none)[0] - a.get(k, none)[0]))
+    # the largest excesses of B, then those of A (what B saves)
+    for key in order[: args.top] + order[-(args.top // 3) :][::-1]:
         (ms_a, n_a), (ms_b, n_b) = a.get(key, none), b.get(key, none)
         print(f"{ms_b - ms_a:10.2f}  {ms_a:9.2f} / {n_a:<5}  {ms_b:9.2f} / {n_b:<5}  {key[0]}, {key[1]}")
 
