@@ -457,8 +457,12 @@ def _empty_from_pretrained_config(ref: str, dtype: torch.dtype, attn: str, trust
 
 def _quantize_built(model: torch.nn.Module, quantization: Any, dtype: torch.dtype, attn: str) -> Any:
     """Quantize a random-init model the way a hub checkpoint is: save it, load it with the bnb config."""
+    from safetensors.torch import save_model
+
     with tempfile.TemporaryDirectory(prefix="moa-quantize-") as tmp, _no_progress_bars():
-        model.save_pretrained(tmp, safe_serialization=True)
+        # not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank loads here
+        model.config.to_json_file(str(Path(tmp) / "config.json"))
+        save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
         generation = model.generation_config
         quantized = _from_pretrained(tmp, dtype, attn, False, quantization)
     quantized.generation_config = generation
