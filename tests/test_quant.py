@@ -128,3 +128,21 @@ def test_4bit_base_learns_saves_reloads_and_evaluates(tmp_path: Path) -> None:
     )  # fmt: skip
     assert plain.returncode == 0, plain.stderr[-3000:]
     assert json.loads((tmp_path / "plain" / "results.json").read_text())["model"]["quantization"] is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["model.quantization=q3"], "model.quantization='q3' is not known"),
+        (["model.quantization=4"], "model.quantization=4 is not known"),
+        (["model=llama3_1_8b_arch", "model.quantization=nf4"], "model.meta_device=false"),
+    ],
+)
+def test_bad_quantization_values_fail_before_loading(compose, overrides: list[str], message: str) -> None:
+    import re
+
+    from moa_train.errors import MoATrainError
+    from moa_train.validate import validate
+
+    with pytest.raises(MoATrainError, match=re.escape(message)):
+        validate(compose([*TINY, *overrides]), "train")
