@@ -126,7 +126,7 @@ def run(cfg: DictConfig) -> dict[str, Any]:
                 shutil.rmtree(config_path.parent, ignore_errors=True)  # resumes/<time>/
                 with contextlib.suppress(OSError):
                     config_path.parent.parent.rmdir()  # resumes/, if this was its only session
-            elif not (run_dir / "metrics.jsonl").exists():
+            elif not multirun and not (run_dir / "metrics.jsonl").exists():  # a sweep lists failed jobs
                 shutil.rmtree(run_dir, ignore_errors=True)
         raise
 
