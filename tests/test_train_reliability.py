@@ -69,6 +69,30 @@ def test_concurrent_starts_get_distinct_run_dirs(tmp_path: Path) -> None:
     assert contents == sorted(f"id: {i}\n" for i in range(8))  # each folder holds its own config
 
 
+def test_two_runs_in_the_same_second_keep_their_own_folders(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The console entry point twice with the clock frozen: runs/tiny/<time>/ and runs/tiny/<time>-2/."""
+    import datetime as real
+
+    import hydra.core.utils
+
+    class Frozen(real.datetime):
+        @classmethod
+        def now(cls, tz: object = None) -> real.datetime:
+            return real.datetime(2026, 1, 1, 12, 0, 0)
+
+    monkeypatch.setattr(hydra.core.utils, "datetime", Frozen)
+    for seed in (0, 1):
+        code, output = invoke(train_main, [*ARGS, "trainer.max_steps=1", f"seed={seed}"], tmp_path)
+        assert code == 0, output[-2000:]
+    first, second = tmp_path / "runs/tiny/2026-01-01_12-00-00", tmp_path / "runs/tiny/2026-01-01_12-00-00-2"
+    assert (
+        "seed: 0" in (first / "config.yaml").read_text() and "seed: 1" in (second / "config.yaml").read_text()
+    )
+    assert (first / "final").is_dir() and (second / "final").is_dir()
+
+
 def test_a_run_dir_holding_a_run_is_refused_unless_overwrite(tmp_path: Path) -> None:
     run = tmp_path / "run"
     args = [*ARGS, "trainer.max_steps=1", f"hydra.run.dir={run}"]
