@@ -447,3 +447,21 @@ def test_unexpected_exception_is_one_line_with_its_type(
     assert code == status
     assert [x for x in output.splitlines() if x.startswith("error:")] == [line]
     assert "Traceback" not in output
+
+
+@pytest.mark.parametrize("damage", [b"\xff\xfe{", b"[1, 2]", b"{not json"])
+def test_damaged_job_files_are_listed_not_fatal(tmp_path: Path, damage: bytes) -> None:
+    """moa-report and the sweep table list a job with a damaged summary.json as failed, naming it."""
+    from moa_train.sweep import collect_rows
+
+    sweep = tmp_path / "sweep"
+    for job, summary in (("0", damage), ("1", b'{"status": "completed", "tuned_accuracy": 0.5}')):
+        (sweep / job / ".hydra").mkdir(parents=True)
+        (sweep / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        (sweep / job / "summary.json").write_bytes(summary)
+    (sweep / "1" / ".hydra" / "overrides.yaml").write_bytes(b"\xff[unclosed")
+    rows = collect_rows(sweep)
+    assert rows[0]["status"].startswith("failed") and rows[1]["status"] == "completed"
+    code, output = invoke(report_main, [str(sweep)], tmp_path)
+    assert code == 0 and "Traceback" not in output, output[-2000:]
+    assert str(sweep / "0" / "summary.json") in (sweep / "report.md").read_text()

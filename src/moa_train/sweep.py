@@ -51,11 +51,19 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     for job in sorted(
         jobs, key=lambda p: (not p.name.isdigit(), int(p.name) if p.name.isdigit() else 0, p.name)
     ):
-        overrides = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
-        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(map(str, overrides or []))}
+        try:  # a damaged file marks its job, it never stops the table
+            overrides = OmegaConf.to_container(OmegaConf.load(job / ".hydra" / "overrides.yaml"))
+        except Exception:  # noqa: BLE001 - not YAML, not UTF-8
+            overrides = ["<unreadable .hydra/overrides.yaml>"]
+        if not isinstance(overrides, list):
+            overrides = ["<unreadable .hydra/overrides.yaml>"]
+        row: dict[str, Any] = {"job": job.name, "overrides": " ".join(map(str, overrides))}
         summary = job / SUMMARY_NAME
-        if summary.is_file():
-            data = json.loads(summary.read_text(encoding="utf-8"))
+        try:
+            data = json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+        except (OSError, ValueError):
+            data = {"status": f"failed (unreadable {SUMMARY_NAME})"}
+        if isinstance(data, dict):
             row["status"] = data.pop("status", "completed")
             row.update({k: v for k, v in data.items() if not isinstance(v, dict | list)})
         else:

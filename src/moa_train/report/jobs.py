@@ -97,9 +97,9 @@ def _eval_results(job_dir: Path, eval_name: str | None) -> tuple[dict[str, Any],
             continue
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError):  # damaged or not UTF-8: not a usable result
             continue
-        if isinstance(data.get("datasets"), dict):
+        if isinstance(data, dict) and isinstance(data.get("datasets"), dict):
             found.append((path.stat().st_mtime, data, path))
     if not found:
         return None
@@ -115,9 +115,11 @@ def _read_predictions(path: Path) -> list[dict[str, Any]]:
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.strip():
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
                 continue
+            if isinstance(row, dict):
+                rows.append(row)
     return rows
 
 
@@ -192,10 +194,12 @@ def read_job(
     overrides = _load_yaml_list(job_dir / ".hydra" / "overrides.yaml")
     summary: dict[str, Any] = {}
     if (job_dir / SUMMARY).is_file():
-        try:
+        try:  # a damaged file lists the job as failed, naming the file (ValueError: JSON or UTF-8)
             summary = json.loads((job_dir / SUMMARY).read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError) as exc:
-            summary = {"status": "failed", "error": f"unreadable summary.json: {exc}"}
+        except (OSError, ValueError) as exc:
+            summary = {"status": "failed", "error": f"unreadable {job_dir / SUMMARY}: {exc}"}
+        if not isinstance(summary, dict):
+            summary = {"status": "failed", "error": f"{job_dir / SUMMARY} is not a JSON object"}
         status = str(summary.get("status", "completed"))
     else:
         status = "incomplete"
@@ -257,7 +261,9 @@ def read_base(path: Path, task_map: dict[str, str] | None = None) -> Job | None:
         return None
     try:
         data = json.loads(results.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict):
         return None
     preds = _read_predictions(results.parent / "predictions.jsonl")
     datasets = accuracy_by_group(preds, task_map) or {
