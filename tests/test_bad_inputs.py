@@ -336,6 +336,11 @@ CASES = [
     Case("eval-precision-unknown", eval_main, ["checkpoint={copy}", "precision=int8"], copy=lambda run: None),
     Case("eval-cap-zero", eval_main, ["checkpoint={copy}", "max_new_tokens_cap=0"], copy=lambda run: None),
     Case("eval-unknown-key", eval_main, ["no_such_key=1"]),
+    Case("eval-batch-size-zero", eval_main, ["batch_size=0"]),
+    Case("eval-batch-size-text", eval_main, ["batch_size=many"]),
+    Case("eval-num-beams-zero", eval_main, ["decoding.num_beams=0"]),
+    Case("eval-top-p-above-one", eval_main, ["decoding=paper", "decoding.top_p=1.5"]),
+    Case("eval-limit-negative", eval_main, ["eval.limit=-3"]),
     Case(
         "eval-adapter-config-a-list",
         eval_main,

@@ -275,9 +275,11 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "": (
             Str("checkpoint", null=True),
             Str("output_dir", null=True),
+            Int("batch_size", lo=1, also=("auto",)),
             Choice("precision", "auto", "fp32", "bf16", "fp16"),
             Int("max_new_tokens", lo=1, null=True),
             Int("max_new_tokens_cap", lo=1),
+            Str("wandb_run"),
             Bool("router_stats"),
             Int("router_case", lo=0),
             Int("cpu_threads", lo=1, null=True),
@@ -289,6 +291,15 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "eval": (Bool("skip_missing"),),  # eval.limit: _check_eval_limit
         "model": _MODEL,
         "logger": _LOGGER,
+        "decoding": (
+            Bool("do_sample"),
+            Int("num_beams", lo=1),
+            Float("temperature", lo=0, null=True),
+            Float("top_p", above=0, hi=1, null=True),
+            Int("top_k", lo=0),
+            Int("seed", lo=0, null=True),
+            Float("repetition_penalty", above=0, null=True),
+        ),
     },
 }
 
