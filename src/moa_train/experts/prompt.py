@@ -107,7 +107,9 @@ class PromptExpert(nn.Module):
         """Prompt keys, transposed and pre-multiplied by the score scale [heads, head_dim, E*L], and values
         [heads, E*L, head_dim], in ``dtype``, from the frozen k/v projections."""
         weight_k, weight_v = attn.k_proj.weight, attn.v_proj.weight
-        cacheable = not torch.is_grad_enabled()
+        # not while compiling: the cache key reads storage pointers (a graph break); a compiled decode step
+        # recomputes the 10 prompt rows inside its graph instead
+        cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             device = weight_k.device.type
             norm = getattr(attn, "k_norm", None)
@@ -144,7 +146,7 @@ class PromptExpert(nn.Module):
         keys = (keys * attn.scaling).to(dtype)
         if cacheable:
             self.__dict__["_kv_cache"] = (key, (keys, values))  # plain attribute: not a buffer, not saved
-        else:
+        elif not torch.compiler.is_compiling():
             self.__dict__.pop("_kv_cache", None)
         return keys, values
 
