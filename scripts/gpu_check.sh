@@ -2,7 +2,7 @@
 # GPU check (< 10 minutes on one GPU), one JSON out:
 #   bench     moa-bench --device cuda: Llama-3.1-8B shapes (random weights, no download), 8 x 512 tokens, bf16
 #   nf4       moa-train on a 4-bit (nf4) base on CUDA, every expert type
-#   fsdp1     moa-train launcher=fsdp with 1 process on CUDA (FSDP2 + NCCL code path)
+#   fsdp1     moa-train launcher=fsdp with 1 process on CUDA (FSDP2 + NCCL code path); fsdp1_offload with CPU offload
 #   generate  greedy generate() with the KV cache == argmax of the full forward, bf16, CUDA
 #   compiled  moa-bench (a)-(d) eager and under torch.compile (8 layers on CUDA), compile time per variant
 #
@@ -52,6 +52,10 @@ RUN=(experiment=tiny final_eval.enabled=false trainer.max_steps=8 "${TRAIN[@]}")
 step bench "$BIN/moa-bench" "${BENCH[@]}" --out "$WORK/bench/result.json"
 step nf4 "$BIN/moa-train" "${RUN[@]}" experts=all model.quantization=nf4 "hydra.run.dir=$WORK/nf4"
 step fsdp1 "$BIN/moa-train" "${RUN[@]}" launcher=fsdp launcher.num_processes=1 "hydra.run.dir=$WORK/fsdp1"
+if [ "$DEVICE" = cuda ]; then  # CPU offload of shards, gradients and optimizer state (a CUDA-only option)
+  step fsdp1_offload "$BIN/moa-train" "${RUN[@]}" launcher=fsdp launcher.num_processes=1 launcher.cpu_offload=true \
+    "hydra.run.dir=$WORK/fsdp1_offload"
+fi
 step generate "$BIN/python" scripts/gpu_check.py generate --device "$DEVICE" --out "$WORK/generate/result.json"
 # compiled: (a)-(d) eager and under torch.compile in one process (one graph per MoA forward), ratios to the
 # compiled PEFT LoRA next to the eager ones, compile seconds per variant; 8 layers on CUDA keep the four
