@@ -176,7 +176,7 @@ def test_resume_extends_a_finished_run_with_max_steps(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_sigterm_from_outside_then_resume_matches(tmp_path: Path) -> None:
     """The console script under a real SIGTERM (what SLURM and Kubernetes send)."""
-    args = [*ARGS, "trainer.max_steps=400", "trainer.log_every_steps=1"]
+    args = [*ARGS, "trainer.max_steps=120", "trainer.log_every_steps=1"]
     reference, victim = tmp_path / "reference", tmp_path / "victim"
     done = run_cli("moa-train", *args, f"hydra.run.dir={reference}", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
