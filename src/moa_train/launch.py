@@ -112,9 +112,12 @@ EXCEPTION_LINE = re.compile(r"^[\w.]*(Error|Exception|Interrupt)\b.*: ")
 
 
 def _forward(proc: subprocess.Popen) -> Any:
+    """Pass a stop signal on as SIGTERM: the torch-elastic agent forwards SIGTERM to the workers, but
+    SIGUSR1 would end the agent itself and orphan them."""
+
     def handler(signum: int, frame: Any) -> None:
         if proc.poll() is None:
-            proc.send_signal(signum)
+            proc.send_signal(signal.SIGTERM)
 
     return handler
 
