@@ -110,8 +110,9 @@ def assert_compiled_equals_eager(name: str, checkpointing: bool, backend: str) -
         for key in eager[1]:
             torch.testing.assert_close(compiled[1][key], eager[1][key], rtol=1e-5, atol=1e-6)
         assert compiled[2].keys() == eager[2].keys() and len(eager[2]) > 0
-        for key in eager[2]:
-            torch.testing.assert_close(compiled[2][key], eager[2][key], rtol=1e-4, atol=1e-6, msg=key)
+        for key, grad in eager[2].items():  # fp32 tolerance on the tensor's scale (Inductor reorders sums)
+            scale = float(grad.abs().max())
+            torch.testing.assert_close(compiled[2][key], grad, rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=key)
         assert compiled[3]["tokens"] == eager[3]["tokens"] > 0
         for key in ("mean_gate", "active_frac", "active_per_token", "entropy", "mean_threshold"):
             torch.testing.assert_close(
