@@ -84,3 +84,20 @@ def train_in_process(run_dir: Path, overrides: list[str]) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     return train(cfg, run_dir)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_hydra_state():
+    """Tests that run a console script in-process leave Hydra's singletons (HydraConfig, GlobalHydra)
+    set; code that asks "was this option given on the command line?" would then read another test's
+    overrides. Every test starts and ends without them."""
+    from hydra.core.global_hydra import GlobalHydra
+    from hydra.core.hydra_config import HydraConfig
+
+    def clear() -> None:
+        GlobalHydra.instance().clear()
+        HydraConfig.instance().cfg = None
+
+    clear()
+    yield
+    clear()
