@@ -44,12 +44,22 @@ FAST_EXPLAIN = {
     ("prompt", False),
 }
 FAST_EQUAL = {("soft_swiglu", True), ("sparse", False), ("topk", False)}
+# Eager non-reentrant checkpointing fails for site routers with aux losses on: the aux losses are skipped
+# in the recomputation (telemetry.in_backward), so it saves fewer tensors than the forward (CheckpointError).
+# A pre-existing eager problem, not a compile one; strict, so the marks go once it is fixed.
+EAGER_CHECKPOINT_BUG = {("molora", True), ("topk", True), ("adamole", True)}
 
 
-def matrix(fast: set[tuple[str, bool]]) -> list:
+def matrix(fast: set[tuple[str, bool]], broken: frozenset = frozenset()) -> list:
     """Every (configuration, checkpointing) pair; those outside ``fast`` are marked slow."""
+    bug = pytest.mark.xfail(raises=torch.utils.checkpoint.CheckpointError, strict=True)
     return [
-        pytest.param(n, gc, marks=() if (n, gc) in fast else pytest.mark.slow, id=f"{n}{'-gc' * gc}")
+        pytest.param(
+            n,
+            gc,
+            marks=(() if (n, gc) in fast else (pytest.mark.slow,)) + ((bug,) if (n, gc) in broken else ()),
+            id=f"{n}{'-gc' * gc}",
+        )
         for n in CONFIGS
         for gc in (False, True)
     ]
@@ -113,8 +123,11 @@ def assert_compiled_equals_eager(name: str, checkpointing: bool, backend: str) -
         for key, grad in eager[2].items():  # fp32 tolerance on the tensor's scale (Inductor reorders sums)
             scale = float(grad.abs().max())
             torch.testing.assert_close(compiled[2][key], grad, rtol=1e-4, atol=1e-6 + 1e-5 * scale, msg=key)
-        assert compiled[3]["tokens"] == eager[3]["tokens"] > 0
+        assert compiled[3]["tokens"] == eager[3]["tokens"]
+        assert eager[3]["tokens"] > 0 or not eager[3]["layers"]  # a config without routers has no telemetry
         for key in ("mean_gate", "active_frac", "active_per_token", "entropy", "mean_threshold"):
+            if key not in eager[3]:  # no router, no statistics
+                continue
             torch.testing.assert_close(
                 torch.tensor(compiled[3][key] or []), torch.tensor(eager[3][key] or []), equal_nan=True
             )
@@ -122,7 +135,7 @@ def assert_compiled_equals_eager(name: str, checkpointing: bool, backend: str) -
         assert eager[1], "aux losses were on"
 
 
-@pytest.mark.parametrize(("name", "checkpointing"), matrix(FAST_EQUAL))
+@pytest.mark.parametrize(("name", "checkpointing"), matrix(FAST_EQUAL, EAGER_CHECKPOINT_BUG))
 def test_compiled_loss_and_gradients_equal_eager(name: str, checkpointing: bool) -> None:
     assert_compiled_equals_eager(name, checkpointing, "aot_eager")
 
