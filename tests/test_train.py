@@ -17,15 +17,8 @@ from conftest import TINY, compose_config, train_in_process
 from moa_train.data import load_splits
 from moa_train.errors import MoATrainError
 from moa_train.logging import Backend, RunLogger, make_logger, read_metrics
-from moa_train.train import (
-    BatchPlan,
-    LRSchedule,
-    Telemetry,
-    build_optimizer,
-    learning_rate,
-    router_metrics,
-    token_cross_entropy,
-)
+from moa_train.train import BatchPlan, LRSchedule, build_optimizer, learning_rate, token_cross_entropy
+from moa_train.train_metrics import RouterLog, router_metrics
 
 NO_EVAL = ["final_eval.enabled=false"]
 
@@ -203,7 +196,7 @@ class _FakeModel:
 def test_dead_expert_warning_after_n_quiet_intervals(tmp_path: Path, caplog) -> None:
     cfg = compose_config(TINY + ["trainer.dead_expert_intervals=3", "trainer.heatmap_every_steps=2"])
     logger = RunLogger(Backend(), tmp_path)
-    telemetry, model = Telemetry(cfg, tmp_path, logger), _FakeModel()
+    telemetry, model = RouterLog(cfg, tmp_path, logger), _FakeModel()
     with caplog.at_level(logging.WARNING, logger="moa_train.train"):
         for step in (1, 2):
             telemetry.router(model, step)

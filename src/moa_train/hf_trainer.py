@@ -112,7 +112,7 @@ class MoACallback(TrainerCallback):
             self._aux, self._count = {}, 0
         stats = moa.router_stats(reset=True)
         if stats.get("experts") and stats.get("tokens"):
-            from moa_train.train import router_metrics
+            from moa_train.train_metrics import router_metrics
 
             # the per-layer keys (router/L<i>/...) are moa-train's heat-map material; a Trainer log line
             # gets the layer averages only, or every console log would print hundreds of numbers
