@@ -8,9 +8,11 @@ explicit ``hydra.run.dir`` that already holds a run is refused unless ``resume=`
 
 from __future__ import annotations
 
+import contextlib
 import os
 import secrets
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from moa_train.errors import MoATrainError
@@ -96,30 +98,30 @@ def claim(run_dir: Path, config_text: str, *, auto: bool, overwrite: bool) -> Pa
 
 def write_new(path: Path, text: str) -> bool:
     """Write ``text`` to ``path`` only if it does not exist (atomic: complete or absent); False if taken."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
+    with _synced_temp(path, text) as tmp:
         try:
             os.link(tmp, path)
         except FileExistsError:
             return False
         return True
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def write_atomic(path: Path, text: str) -> None:
     """Replace ``path`` with ``text`` atomically (a unique temp file renamed over it)."""
+    with _synced_temp(path, text) as tmp:
+        os.replace(tmp, path)
+
+
+@contextlib.contextmanager
+def _synced_temp(path: Path, text: str) -> Iterator[Path]:
+    """A temp file beside ``path`` (unique per process and call) holding ``text`` on disk; removed after."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        yield tmp
     finally:
         tmp.unlink(missing_ok=True)
 
