@@ -44,22 +44,12 @@ FAST_EXPLAIN = {
     ("prompt", False),
 }
 FAST_EQUAL = {("soft_swiglu", True), ("sparse", False), ("topk", False)}
-# Eager non-reentrant checkpointing fails for site routers with aux losses on: the aux losses are skipped
-# in the recomputation (telemetry.in_backward), so it saves fewer tensors than the forward (CheckpointError).
-# A pre-existing eager problem, not a compile one; strict, so the marks go once it is fixed.
-EAGER_CHECKPOINT_BUG = {("molora", True), ("topk", True), ("adamole", True)}
 
 
-def matrix(fast: set[tuple[str, bool]], broken: frozenset = frozenset()) -> list:
+def matrix(fast: set[tuple[str, bool]]) -> list:
     """Every (configuration, checkpointing) pair; those outside ``fast`` are marked slow."""
-    bug = pytest.mark.xfail(raises=torch.utils.checkpoint.CheckpointError, strict=True)
     return [
-        pytest.param(
-            n,
-            gc,
-            marks=(() if (n, gc) in fast else (pytest.mark.slow,)) + ((bug,) if (n, gc) in broken else ()),
-            id=f"{n}{'-gc' * gc}",
-        )
+        pytest.param(n, gc, marks=() if (n, gc) in fast else (pytest.mark.slow,), id=f"{n}{'-gc' * gc}")
         for n in CONFIGS
         for gc in (False, True)
     ]
@@ -135,7 +125,7 @@ def assert_compiled_equals_eager(name: str, checkpointing: bool, backend: str) -
         assert eager[1], "aux losses were on"
 
 
-@pytest.mark.parametrize(("name", "checkpointing"), matrix(FAST_EQUAL, EAGER_CHECKPOINT_BUG))
+@pytest.mark.parametrize(("name", "checkpointing"), matrix(FAST_EQUAL))
 def test_compiled_loss_and_gradients_equal_eager(name: str, checkpointing: bool) -> None:
     assert_compiled_equals_eager(name, checkpointing, "aot_eager")
 

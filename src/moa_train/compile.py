@@ -3,8 +3,9 @@
 A MoA forward is one graph under ``torch.compile(fullgraph=True)`` (routers, gates, experts, prompt
 attention, aux losses and telemetry; tests/test_compile.py pins it per method). Two things make that so:
 
-* Telemetry and aux losses skip the forward that non-reentrant activation checkpointing replays in
-  backward (``telemetry.in_backward``). A compiled forward never re-runs Python in backward (AOTAutograd
+* Telemetry and aux losses are recorded only by the forward, not by the replay non-reentrant activation
+  checkpointing runs in backward (``telemetry.in_backward``; the replay still computes the aux losses,
+  so it saves the same tensors). A compiled forward never re-runs Python in backward (AOTAutograd
   recomputes inside the compiled backward graph, without side effects), so while tracing that check is
   False, and dynamo is told the same for the checkpointed layers: their side effects (telemetry
   sums, aux losses, the layer's gate columns) are not replayed in backward

@@ -138,25 +138,32 @@ class Router(nn.Module):
                 state.capture.append(out.weights.detach())
 
     def _aux(self, logits: torch.Tensor, out: RouterOutput, mask: torch.Tensor | None) -> None:
-        """Aux losses only when a coefficient asks for them and gradients are on (training)."""
+        """Aux losses only when a coefficient asks for them and gradients are on (training).
+
+        A site router runs inside the decoder layer, so non-reentrant activation checkpointing replays it
+        in backward; that replay must run the same tensor ops as the forward (it has to save the same
+        tensors, else torch raises CheckpointError), so the losses are computed there too and only
+        recording them is skipped: each aux loss counts once, from the forward."""
         cfg, state = self.cfg, self._state
-        if state is None or not torch.is_grad_enabled() or in_backward():
+        if state is None or not torch.is_grad_enabled():
             return
+        record = not in_backward()
         num = self.num_experts
         flat_mask = None if mask is None else mask.reshape(-1).to(logits.dtype)
         if flat_mask is not None and flat_mask.numel() != logits.reshape(-1, num).shape[0]:
             flat_mask = None  # instance-level routers pool the mask away
+        losses: list[tuple[str, torch.Tensor, float]] = []
         if cfg.load_balance_coef:
-            state.add_aux("load_balance", self._balance(out, flat_mask), cfg.load_balance_coef)
+            losses.append(("load_balance", self._balance(out, flat_mask, record), cfg.load_balance_coef))
         if cfg.z_loss_coef:
-            state.add_aux("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef)
+            losses.append(("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef))
         if cfg.entropy_coef:
             probs = out.probs.reshape(-1, num)
             if cfg.selection == "dynmole":  # DynMoLE minimises the entropy it routes by
                 loss = aux_losses.tsallis(probs, flat_mask, cfg.entropy_index)
             else:
                 loss = aux_losses.entropy(probs, flat_mask)
-            state.add_aux("entropy", loss, cfg.entropy_coef)
+            losses.append(("entropy", loss, cfg.entropy_coef))
         if cfg.lbc_coef:
             if state.task_types is None:
                 raise MoATrainError(
@@ -166,11 +173,18 @@ class Router(nn.Module):
             weights = out.weights.reshape(-1, *out.weights.shape[-2:])  # [B, T, E]
             token_mask = None if mask is None else mask.reshape(weights.shape[:2])
             loss = aux_losses.localized_balance(weights, token_mask, state.task_types, cfg.lbc_alpha)
-            state.add_aux("lbc", loss, cfg.lbc_coef)
+            losses.append(("lbc", loss, cfg.lbc_coef))
+        if record:
+            for name, loss, coef in losses:
+                state.add_aux(name, loss, coef)
 
-    def _balance(self, out: RouterOutput, flat_mask: torch.Tensor | None) -> torch.Tensor:
+    def _balance(
+        self, out: RouterOutput, flat_mask: torch.Tensor | None, record: bool = True
+    ) -> torch.Tensor:
         """The load-balance loss of this forward; with balance_scope=global, f_e counts every micro-batch
-        of the optimizer step so far on every data-parallel rank (MoAState.step_counts)."""
+        of the optimizer step so far on every data-parallel rank (MoAState.step_counts). ``record``
+        False (the checkpoint replay in backward): reuse the totals the forward stored, without adding
+        this micro-batch again or reducing over ranks (a collective in backward could deadlock)."""
         cfg, state, num = self.cfg, self._state, self.num_experts
         probs = out.probs.reshape(-1, num)
         keep = out.keep.reshape(-1, num) if out.keep is not None else torch.ones_like(probs, dtype=torch.bool)
@@ -178,7 +192,11 @@ class Router(nn.Module):
         tau = out.threshold.reshape(-1, 1) if official and cfg.selection == "adamole" else None
         counts, tokens = aux_losses.assignment_counts(keep, flat_mask, cfg.balance_norm)
         if cfg.balance_scope == "global":
-            counts, tokens = state.accumulate_counts(self, counts, tokens)
+            if record:
+                counts, tokens = state.accumulate_counts(self, counts, tokens)
+            else:
+                totals = state.step_counts[id(self)]
+                counts, tokens = totals[:-1], totals[-1]
         return aux_losses.balance_from(counts, tokens, aux_losses.mean_probability(probs, flat_mask, tau))
 
     def _param_dtype(self) -> torch.dtype:
