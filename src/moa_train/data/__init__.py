@@ -1,16 +1,21 @@
-"""Data: record formats, the Alpaca template, tokenisation with positional label masking, BIG-bench prep.
+"""Data: record formats, the Alpaca template, tokenisation with positional label masking, data sources.
 
 ``load_splits(data_cfg)`` reads the Hydra ``data`` group node (see ``configs/data/*.yaml``):
 
 ====================  ==============================================================================
 field                 meaning
 ====================  ==============================================================================
-``name``              dataset name (cache folder; ``dataset`` of the records)
-``source``            ``bigbench`` (embedded) | ``json`` (local files) | ``hub`` (HF datasets)
-``tasks``             bigbench: task folders, e.g. ``[arithmetic/2_digit_addition, ...]``
-``test_per_task``     bigbench: held-out items per task
-``split_seed``        bigbench: conversion seed (option shuffles, which items are held out)
-``arith_format``      bigbench arithmetic outputs: ``equation`` | ``number`` | ``sentence``
+``name``              dataset name (``dataset`` of the records)
+``source``            ``arithmetic`` (generated) | ``packaged`` (ships with moa_train) | ``bigbench``
+                      (your BIG-bench copy) | ``json`` (local files) | ``hub`` (HF datasets)
+``tasks``             arithmetic / bigbench: task names, e.g. ``[arithmetic/2_digit_addition, ...]``;
+                      packaged: sources to include (empty = all)
+``items_per_task``    arithmetic: distinct questions generated per task (held-out + training)
+``test_per_task``     arithmetic / bigbench / packaged: held-out items per task
+``split_seed``        arithmetic / bigbench: generation or conversion seed (which items are held out)
+``arith_format``      arithmetic outputs: ``equation`` | ``number`` | ``sentence``
+``package``           packaged: which packaged file (``commonsense_mix``)
+``bigbench_path``     bigbench: ``bigbench-1.0.0.tar.gz`` or a ``benchmark_tasks`` folder
 ``data_dir``          json: folder that relative ``train_path`` / ``test_path`` entries are under
 ``train_path``        json: a file or a list of files (JSON list or JSONL)
 ``test_path``         json: a file, a list of files, or null (no held-out split)
@@ -56,7 +61,7 @@ from moa_train.data.tokenize import (
 )
 from moa_train.errors import MoATrainError
 
-SOURCES = ("bigbench", "json", "hub")
+SOURCES = ("arithmetic", "packaged", "bigbench", "json", "hub")
 
 __all__ = [
     "ANSWER_TYPES",
@@ -152,22 +157,48 @@ def _load_json_split(
     return records
 
 
-def _load_bigbench(cfg: Any, name: str) -> dict[str, list[dict[str, Any]]]:
-    from moa_train.data import bigbench
-
-    splits = bigbench.prepare(
-        name,
-        _as_list(cfg_value(cfg, "tasks")),
-        test_per_task=int(cfg_value(cfg, "test_per_task", 100)),
-        split_seed=int(cfg_value(cfg, "split_seed", 0)),
-        arith_format=str(cfg_value(cfg, "arith_format", "equation")),
-    )
+def _name_datasets(splits: dict[str, list[dict[str, Any]]], name: str) -> dict[str, list[dict[str, Any]]]:
     kinds = {r["answer_type"] for split in splits.values() for r in split}
     for split in splits.values():
         for record in split:
             # one dataset per answer type: the evaluator scores one rule per dataset
             record["dataset"] = name if len(kinds) == 1 else f"{name}_{record['answer_type']}"
     return splits
+
+
+def _load_generated(cfg: Any, name: str, source: str) -> dict[str, list[dict[str, Any]]]:
+    tasks = _as_list(cfg_value(cfg, "tasks"))
+    test_per_task = cfg_value(cfg, "test_per_task")
+    if source == "arithmetic":
+        from moa_train.data import arithmetic
+
+        splits = arithmetic.build_splits(
+            tasks,
+            items_per_task=int(cfg_value(cfg, "items_per_task", 1000)),
+            test_per_task=int(test_per_task or 100),
+            split_seed=int(cfg_value(cfg, "split_seed", 0)),
+            arith_format=str(cfg_value(cfg, "arith_format", "equation")),
+        )
+    elif source == "packaged":
+        from moa_train.data import packaged
+
+        splits = packaged.build_splits(
+            str(cfg_value(cfg, "package", name)),
+            tasks,
+            None if test_per_task is None else int(test_per_task),
+        )
+    else:
+        from moa_train.data import bigbench
+
+        splits = bigbench.prepare(
+            name,
+            tasks,
+            test_per_task=int(test_per_task or 100),
+            split_seed=int(cfg_value(cfg, "split_seed", 0)),
+            arith_format=str(cfg_value(cfg, "arith_format", "equation")),
+            path=cfg_value(cfg, "bigbench_path"),
+        )
+    return _name_datasets(splits, name)
 
 
 def cap_per_dataset(records: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
@@ -194,8 +225,8 @@ def load_splits(data_cfg: Any) -> dict[str, list[dict[str, Any]]]:
         raise MoATrainError(
             f"data.answer_type must be one of {', '.join(ANSWER_TYPES)} or null, got {answer_type!r}"
         )
-    if source == "bigbench":
-        splits = _load_bigbench(data_cfg, name)
+    if source in ("arithmetic", "packaged", "bigbench"):
+        splits = _load_generated(data_cfg, name, source)
     elif source == "json":
         splits = {
             "train": _load_json_split(data_cfg, "train_path", name, "train", answer_type),
