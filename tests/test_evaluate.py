@@ -1,7 +1,7 @@
 """moa_train.eval: batched generation, scoring, router analysis, moa-eval outputs and errors.
 
 Tiny random Llama models and a character-level tokenizer keep every test on CPU in seconds; the
-real LLM-Adapters test files (../shared/data/llm_adapters) run through the whole pipeline when present.
+real LLM-Adapters test files (20-record slices in tests/fixtures/llm_adapters) run through the whole pipeline.
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ from moa_train.extract import rule_for
 from tiny_models import CHARS, char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
-LLM_ADAPTERS = REPO.parent / "shared" / "data" / "llm_adapters"
+# 20-record slices of every LLM-Adapters test file (origin: tests/fixtures/llm_adapters/README.md)
+LLM_ADAPTERS = REPO / "tests" / "fixtures" / "llm_adapters"
 # -- tiny models -------------------------------------------------------------------------------------------
 
 
@@ -566,6 +567,7 @@ def test_real_llm_adapters_files_through_the_pipeline(tmp_path: Path, tok: Any) 
     """20 real items of every test file: loading, answer types, generation, extraction, outputs."""
     ckpt, _ = make_checkpoint(tmp_path, tok, variant="sparse")
     files = sorted(str(p) for p in LLM_ADAPTERS.glob("*/test.json"))
+    assert len(files) == 15, f"the LLM-Adapters fixtures under {LLM_ADAPTERS} are incomplete"
     cfg = eval_cfg(
         tmp_path, checkpoint=str(ckpt), eval={"files": files, "limit": 20}, batch_size=20, max_new_tokens=8
     )
@@ -722,7 +724,6 @@ def test_model_generation_defaults_do_not_leak_into_the_protocol(tok: Any) -> No
 
 def test_presets_compose_and_bigbench_reads_the_embedded_held_out_splits() -> None:
     from conftest import compose_config
-    from moa_train.data import bigbench
 
     for preset in ("commonsense8", "math6", "heldout", "bigbench", "custom", "lm_eval"):
         cfg = compose_config([f"eval={preset}"], config_name="eval")
