@@ -1,4 +1,4 @@
-"""Data pipeline: records, positional masking, truncation, batching, data order, BIG-bench conversion."""
+"""Data pipeline: records, masking, truncation, batching, data order, generated/packaged/BIG-bench data."""
 
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ from omegaconf import OmegaConf
 
 from moa_train.data import (
     IGNORE_INDEX,
+    SOURCES,
     LengthGroupedSampler,
     ShuffleSampler,
     TrainCollator,
-    bigbench,
     encode_dataset,
     encode_for_training,
     encode_prompt_ids,
@@ -26,10 +26,10 @@ from moa_train.data import (
 )
 from moa_train.data.template import build_prompt
 from moa_train.errors import MoATrainError
-from moa_train.extract import extract_label, extract_number
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared" / "data" / "llm_adapters"
+# 20-record slices of the LLM-Adapters files (origin: tests/fixtures/llm_adapters/README.md)
+LLM_ADAPTERS = REPO / "tests" / "fixtures" / "llm_adapters"
 CONFIGS = REPO / "configs" / "data"
 
 BANG, PAD, EOS, BOS = 0, 1, 2, 3  # ids of "!", "~" (also the pad token), <eos>, <bos>
@@ -312,101 +312,16 @@ def test_data_configs_are_documented():
         assert "@package" not in text
         cfg = OmegaConf.load(path)
         assert required <= set(cfg.keys()), f"{path.name} misses {required - set(cfg.keys())}"
-        assert cfg.name == path.stem and cfg.source in ("bigbench", "json", "hub")
-        if cfg.source == "bigbench":
+        assert cfg.name == path.stem and cfg.source in SOURCES
+        if cfg.source in ("arithmetic", "packaged", "bigbench"):
             assert cfg.tasks and cfg.test_per_task >= 1
 
 
-@pytest.mark.reference
-@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/llm_adapters is absent")
 def test_llm_adapters_files_load_with_their_answer_types(char_tokenizer):
     expected = {"boolq": "label", "gsm8k": "numeric", "AQuA": "letter", "piqa": "label", "SVAMP": "numeric"}
     for name, kind in expected.items():
-        recs = load_records(SHARED / name / "test.json", split="test")
+        recs = load_records(LLM_ADAPTERS / name / "test.json", split="test")
         assert recs and {r["answer_type"] for r in recs} == {kind} and recs[0]["dataset"] == name
-    boolq = load_records(SHARED / "boolq" / "train.json")[:50]
+    boolq = load_records(LLM_ADAPTERS / "boolq" / "train.json")[:50]
     examples, stats = encode_dataset(boolq, char_tokenizer, max_len=2048)
     assert stats["kept"] == 50 and all(e["input_ids"][-1] == EOS for e in examples)
-
-
-# ----------------------------------------------------------------------------------------------------
-# BIG-bench (the embedded data)
-# ----------------------------------------------------------------------------------------------------
-
-needs_sdist = pytest.mark.skipif(
-    not bigbench.sdist_path().is_file(), reason="BIG-bench sdist absent (make setup downloads it)"
-)
-ARITH = ["arithmetic/2_digit_addition", "arithmetic/2_digit_subtraction"]
-MC = ["strategyqa", "goal_step_wikihow/goal_inference"]
-
-
-@pytest.fixture(scope="module")
-def specs():
-    if not bigbench.sdist_path().is_file():
-        pytest.skip("BIG-bench sdist absent (make setup downloads it)")
-    return bigbench.read_tasks(ARITH + MC)
-
-
-def _key(r):
-    return r["instruction"]
-
-
-def test_arithmetic_split_is_deterministic_disjoint_and_evaluable(specs):
-    splits, stats = bigbench.build_splits(specs, ARITH, test_per_task=100, split_seed=0)
-    again, _ = bigbench.build_splits(specs, ARITH, test_per_task=100, split_seed=0)
-    assert splits == again
-    other, _ = bigbench.build_splits(specs, ARITH, test_per_task=100, split_seed=1)
-    assert {_key(r) for r in other["test"]} != {_key(r) for r in splits["test"]}
-    assert len(splits["test"]) == 200 and len(splits["train"]) == 1800
-    assert not {_key(r) for r in splits["train"]} & {_key(r) for r in splits["test"]}
-    for r in splits["train"] + splits["test"]:
-        assert r["answer_type"] == "numeric" and extract_number(r["output"]) == float(r["answer"])
-    sample = splits["train"][0]
-    assert set(sample) >= {"instruction", "input", "output", "answer", "task"} and sample["input"] == ""
-    # a task's held-out items do not depend on the other tasks of the mix
-    alone, _ = bigbench.build_splits(specs, ARITH[:1], test_per_task=100, split_seed=0)
-    assert {_key(r) for r in alone["test"]} <= {_key(r) for r in splits["test"]}
-
-
-def test_multiple_choice_conversion_is_llm_adapters_style(specs):
-    splits, _ = bigbench.build_splits(specs, MC, test_per_task=50, split_seed=0)
-    records = splits["train"] + splits["test"]
-    assert not {_key(r) for r in splits["train"]} & {_key(r) for r in splits["test"]}
-    golds = {r["answer"] for r in records}
-    assert {"answer1", "answer2", "answer3", "answer4"} <= golds  # options are shuffled
-    for r in records:
-        assert r["output"] == f"the correct answer is {r['answer']}" and r["answer_type"] == "label"
-        assert r["instruction"].endswith("Answer format: " + "/".join(r["labels"]))
-        assert (
-            "Answer1: " in r["instruction"] and extract_label(r["output"], tuple(r["labels"])) == r["answer"]
-        )
-
-
-@needs_sdist
-def test_prepare_caches_atomically_and_reuses(tmp_path, monkeypatch):
-    sdist = bigbench.sdist_path()
-    monkeypatch.setenv("MOA_TRAIN_CACHE", str(tmp_path))
-    cfg = OmegaConf.load(CONFIGS / "arith2.yaml")
-    monkeypatch.setattr(bigbench, "sdist_path", lambda: sdist)
-    splits = load_splits(cfg)
-    folder = tmp_path / "data" / "bigbench" / "arith2"
-    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "test.json", "train.json"]
-    assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]  # no temp dirs left
-    assert {r["dataset"] for r in splits["test"]} == {"arith2"} and len(splits["test"]) == 200
-    assert {r["eval_max_new_tokens"] for r in splits["test"]} == {cfg.eval_max_new_tokens}
-    monkeypatch.setattr(bigbench, "read_tasks", lambda *a, **k: pytest.fail("cache not reused"))
-    assert load_splits(cfg) == splits
-    cfg.num_test = 10
-    assert len(load_splits(cfg)["test"]) == 10
-
-
-def test_fetch_sdist_reuses_a_verified_file(tmp_path, monkeypatch):
-    fake = tmp_path / bigbench.SDIST_NAME
-    fake.write_bytes(b"not the sdist")
-    # a wrong file is not trusted: with no network the download fails with a one-line hint
-    monkeypatch.setattr(
-        bigbench.urllib.request, "urlopen", lambda *a, **k: (_ for _ in ()).throw(OSError("offline"))
-    )
-    with pytest.raises(MoATrainError) as err:
-        bigbench.fetch_sdist(fake)
-    assert "make setup" in str(err.value) and "\n" not in str(err.value)
