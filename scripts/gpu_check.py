@@ -38,7 +38,7 @@ def _generate_once(device: str, new_tokens: int, dtype_name: str) -> dict[str, A
     from omegaconf import OmegaConf
 
     from moa_train import MoAConfig, get_moa_model
-    from moa_train.base_models import load_base_model, smollm2_dir
+    from moa_train.models.base import load_base_model, smollm2_dir
 
     dtype = getattr(torch, dtype_name)
     configs = Path(__file__).resolve().parents[1] / "configs"

@@ -20,10 +20,10 @@ import sys
 from pathlib import Path
 
 try:
-    from moa_train import bench
+    from moa_train.bench import runner as bench
 except ImportError:  # not installed: use the checkout's src/
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
-    from moa_train import bench
+    from moa_train.bench import runner as bench
 
 
 def profile_ops(run, reps: int) -> dict[tuple[str, str], tuple[float, int]]:

@@ -77,7 +77,7 @@ def compose_config(overrides: list[str] | None = None, config_name: str = "train
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
-    import moa_train.cli  # noqa: F401  (registers the run-dir resolvers used by configs/hydra)
+    import moa_train.cli.main  # noqa: F401  (registers the run-dir resolvers used by configs/hydra)
 
     GlobalHydra.instance().clear()
     try:
@@ -98,7 +98,7 @@ def train_in_process(run_dir: Path, overrides: list[str]) -> dict:
     Hydra's job setup); returns the run summary."""
     from omegaconf import OmegaConf
 
-    from moa_train.train import train
+    from moa_train.train.recipe import train
 
     cfg = compose_config(overrides)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -1,7 +1,7 @@
 """One rank of the FSDP sharding check (started by tests/test_fsdp.py through torchrun, 2 ranks, gloo).
 
 Every rank builds the same tiny MoA model twice: a plain reference that runs the whole global batch,
-and one sharded with ``moa_train.parallel.shard_model``, which runs only this rank's half. The halves
+and one sharded with ``moa_train.train.fsdp.shard_model``, which runs only this rank's half. The halves
 are chosen so that the sparse routers (top-1 of 4 LoRA experts per site, gather path: an expert with no
 token of a rank runs on no row there) keep different experts on the two ranks. Writes ``<out>/rank<r>.json`` with what the
 test asserts: which parameters are DTensor shards, the elements held, the routing per rank and the
@@ -20,9 +20,10 @@ from omegaconf import OmegaConf
 from torch.distributed.tensor import DTensor, Shard
 
 from moa_train import MoAConfig, get_moa_model
-from moa_train.base_models import load_base_model
-from moa_train.parallel import full_tensor, shard_model
-from moa_train.train import token_cross_entropy
+from moa_train.core.dist import full_tensor
+from moa_train.models.base import load_base_model
+from moa_train.train.fsdp import shard_model
+from moa_train.train.recipe import token_cross_entropy
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 MOA = {

@@ -22,7 +22,7 @@ import pytest
 
 from conftest import run_cli
 from moa_train.bench import main as bench_main
-from moa_train.cli import eval_main, train_main
+from moa_train.cli.main import eval_main, train_main
 from moa_train.report import main as report_main
 
 RUN = [
@@ -442,12 +442,12 @@ def test_unexpected_exception_is_one_line_with_its_type(
     tmp_path: Path, monkeypatch, exc: BaseException, status: int, line: str
 ) -> None:
     """The last line of defence: an exception no check foresaw still becomes one line."""
-    import moa_train.train
+    import moa_train.train.recipe
 
     def boom(*args: object, **kwargs: object) -> None:
         raise exc
 
-    monkeypatch.setattr(moa_train.train, "_train", boom)
+    monkeypatch.setattr(moa_train.train.recipe, "_train", boom)
     code, output = invoke(train_main, [*RUN, f"hydra.run.dir={tmp_path / 'run'}"], tmp_path)
     assert code == status
     assert [x for x in output.splitlines() if x.startswith("error:")] == [line]
@@ -457,7 +457,7 @@ def test_unexpected_exception_is_one_line_with_its_type(
 @pytest.mark.parametrize("damage", [b"\xff\xfe{", b"[1, 2]", b"{not json"])
 def test_damaged_job_files_are_listed_not_fatal(tmp_path: Path, damage: bytes) -> None:
     """moa-report and the sweep table list a job with a damaged summary.json as failed, naming it."""
-    from moa_train.sweep import collect_rows
+    from moa_train.cli.sweep import collect_rows
 
     sweep = tmp_path / "sweep"
     for job, summary in (("0", damage), ("1", b'{"status": "completed", "tuned_accuracy": 0.5}')):

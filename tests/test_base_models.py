@@ -10,9 +10,9 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from moa_train import base_models
-from moa_train.base_models import count_parameters, load_base_model
 from moa_train.errors import MoATrainError
+from moa_train.models import base as base_models
+from moa_train.models.base import count_parameters, load_base_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
 LLAMA31_8B_PARAMS = 8_030_261_248

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from moa_train import bench
+from moa_train.bench import runner as bench
 
 TINY = ["--model", "tiny", "--device", "cpu", "--batch", "2", "--seq", "16"]
 

@@ -23,7 +23,7 @@ RECORD = {"instruction": "What is 2 + 3?", "input": "Answer with a number.", "ou
 
 @pytest.fixture(scope="module")
 def tok() -> Any:
-    from moa_train.base_models import load_tokenizer
+    from moa_train.models.base import load_tokenizer
 
     return load_tokenizer("smollm2")
 

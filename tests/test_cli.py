@@ -105,7 +105,7 @@ def test_configs_resolve_from_a_wheel(tmp_path: Path) -> None:
     code = (
         "import sys, moa_train; assert moa_train.__file__.startswith(sys.argv[1]), moa_train.__file__; "
         "sys.argv = ['moa-train', '--cfg', 'job', 'experiment=tiny']; "
-        "from moa_train.cli import train_main; train_main()"
+        "from moa_train.cli.main import train_main; train_main()"
     )
     work = tmp_path / "elsewhere"
     work.mkdir()

@@ -16,7 +16,7 @@ import torch
 
 from core_helpers import randomize_adapters
 from moa_train import MoAConfig, MoAModel
-from moa_train.compile import DYNAMO_SETTINGS, compile_decoding, compile_model
+from moa_train.core.compile import DYNAMO_SETTINGS, compile_decoding, compile_model
 from moa_train.errors import MoATrainError
 from tiny_models import tiny_model
 
@@ -181,7 +181,7 @@ def test_instance_router_decoding_is_refused_in_one_line() -> None:
 
 
 def test_trainer_compile_options_are_validated_before_anything_runs(compose) -> None:
-    from moa_train.validate import validate
+    from moa_train.cli.validate import validate
 
     validate(compose(["experiment=tiny", "trainer.compile=true", "router=sparse"]))  # dense masked: fine
     gather = compose(["experiment=tiny", "trainer.compile=true", "router=sparse", "+moa.sparse_impl=gather"])

@@ -146,7 +146,7 @@ def test_run_and_sweep_dirs(compose) -> None:
     assert (
         OmegaConf.to_container(cfg.hydra.sweep)["subdir"] == "${hydra.job.num}"
     )  # multirun/<date>/<time>/<job>
-    assert cfg.hydra.callbacks.sweep_summary._target_ == "moa_train.sweep.SweepSummary"
+    assert cfg.hydra.callbacks.sweep_summary._target_ == "moa_train.cli.sweep.SweepSummary"
 
 
 def test_run_dir_of_a_resumed_run_is_its_own(compose, tmp_path: Path) -> None:

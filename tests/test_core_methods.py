@@ -13,10 +13,10 @@ import torch.nn.functional as F
 
 from core_helpers import randomize_adapters
 from moa_train import MoAConfig, MoAModel, MoATrainError, RouterConfig, get_moa_model
-from moa_train.config import layer_value, span_values
-from moa_train.layer import MoAState
-from moa_train.routers import Router, aux_losses
-from moa_train.routers.dynmole import dynmole, tsallis_entropy
+from moa_train.core.config import layer_value, span_values
+from moa_train.core.layer import MoAState
+from moa_train.core.routers import Router, aux_losses
+from moa_train.core.routers.dynmole import dynmole, tsallis_entropy
 from tiny_models import tiny_model
 
 NONE = RouterConfig(kind="none")

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from core_helpers import randomize_adapters
 from moa_train import MoAConfig, RouterConfig, get_moa_model
-from moa_train.routers import aux_losses, selection
+from moa_train.core.routers import aux_losses, selection
 from tiny_models import tiny_model
 
 IDS = torch.randint(3, 128, (2, 9), generator=torch.Generator().manual_seed(2))

@@ -8,7 +8,7 @@ from torch import nn
 
 from core_helpers import randomize_adapters
 from moa_train import MoAConfig, RouterConfig, get_moa_model
-from moa_train.experts.mixing import GATHER_BUCKETS, padded_rows
+from moa_train.core.ops import GATHER_BUCKETS, padded_rows
 from tiny_models import tiny_model
 
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))

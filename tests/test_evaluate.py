@@ -16,6 +16,7 @@ import torch
 from omegaconf import OmegaConf
 
 from moa_train import MoAConfig, get_moa_model
+from moa_train.data.answers import rule_for
 from moa_train.errors import MoATrainError
 from moa_train.eval import (
     DecodingConfig,
@@ -29,7 +30,6 @@ from moa_train.eval import (
 )
 from moa_train.eval.router_analysis import processed_sequences
 from moa_train.eval.scoring import resolve_max_new_tokens
-from moa_train.extract import rule_for
 from tiny_models import CHARS, char_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -372,7 +372,7 @@ def model_node(tok_dir: Path, **arch: Any) -> dict[str, Any]:
 
 def make_checkpoint(root: Path, tok: Any, variant: str = "soft") -> tuple[Path, dict[str, Any]]:
     """A trained-looking checkpoint: random adapters on the tiny_random base its config names."""
-    from moa_train.base_models import load_base_model
+    from moa_train.models.base import load_base_model
 
     tok_dir = root / "tokenizer"
     tok.save_pretrained(tok_dir)
@@ -561,8 +561,6 @@ def test_markdown_table() -> None:
 # -- the real LLM-Adapters test files --------------------------------------------------------------------------------
 
 
-@pytest.mark.reference
-@pytest.mark.skipif(not LLM_ADAPTERS.is_dir(), reason="../shared/data/llm_adapters is absent")
 def test_real_llm_adapters_files_through_the_pipeline(tmp_path: Path, tok: Any) -> None:
     """20 real items of every test file: loading, answer types, generation, extraction, outputs."""
     ckpt, _ = make_checkpoint(tmp_path, tok, variant="sparse")
@@ -688,7 +686,7 @@ def test_heldout_reproduces_a_bf16_runs_final_evaluation_exactly(tmp_path: Path,
     """What the quickstart promises: `moa-eval checkpoint=<run>` (no other argument: eval=heldout is the
     default) gives the accuracy training printed, on the run's own held-out split, and says so."""
     from conftest import compose_config, train_in_process
-    from moa_train.validate import validate
+    from moa_train.cli.validate import validate
 
     run_dir = tmp_path / "run"
     overrides = ["experiment=tiny", "trainer.precision=bf16", "trainer.max_steps=4", "final_eval.base=false"]
@@ -730,8 +728,6 @@ def test_presets_compose_and_bigbench_reads_the_embedded_held_out_splits() -> No
         assert cfg.eval.name == preset and cfg.decoding.name == "greedy" and cfg.checkpoint is None
     cfg = compose_config(["eval=bigbench", "eval.limit=2"], config_name="eval")
     assert set(cfg.eval.data) == {"arith_mix", "commonsense_mix"}
-    if not bigbench.sdist_path().is_file():
-        pytest.skip("BIG-bench sdist absent (make setup downloads it)")
     records = load_eval_records(OmegaConf.to_container(cfg.eval, resolve=True))
     assert [r["dataset"] for r in records] == ["arith_mix"] * 2 + ["commonsense_mix"] * 2
     assert [r["answer_type"] for r in records] == ["numeric"] * 2 + ["label"] * 2

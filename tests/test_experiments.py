@@ -156,7 +156,7 @@ def test_preset_header_cites_the_spec(preset: str) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_paper_recipe(compose, preset: str) -> None:
-    from moa_train.train import learning_rate
+    from moa_train.train.recipe import learning_rate
 
     cfg = compose([f"experiment={preset}"])
     family, method = preset.split("_", 1)
@@ -244,7 +244,7 @@ def test_ablation_changes_only_what_it_names(compose, ablation: str) -> None:
 
 @pytest.mark.parametrize("preset", PRESETS)
 def test_dry_run_counts_match_spec_f2(compose, preset: str, capsys) -> None:
-    from moa_train.train import dry_run
+    from moa_train.train.recipe import dry_run
 
     result = dry_run(compose([f"experiment={preset}", "model=llama3_1_8b_arch", "dry_run=true"]))
     assert result["trainable_params"] == ALL_COUNTS[preset]

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from moa_train import MoAConfig, get_moa_model
-from moa_train.base_models import load_base_model
+from moa_train.cli.export import export, main
+from moa_train.core.model import MoAModel
 from moa_train.errors import MoATrainError
-from moa_train.export import export, main
-from moa_train.model import MoAModel
+from moa_train.models.base import load_base_model
 from tiny_models import char_tokenizer
 
 ARCH = {

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from moa_train.errors import MoATrainError
-from moa_train.extract import (
+from moa_train.data.answers import (
     AnswerRule,
     extract,
     extract_answer,
@@ -16,6 +15,7 @@ from moa_train.extract import (
     label_words,
     rule_for,
 )
+from moa_train.errors import MoATrainError
 
 NUMERIC = AnswerRule("numeric")
 AQUA = AnswerRule("letter")

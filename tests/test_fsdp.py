@@ -198,8 +198,8 @@ def test_two_machines_on_localhost_equal_one_process(tmp_path: Path) -> None:
     ],
 )
 def test_bad_launcher_values_fail_before_any_process(compose, overrides: list[str], message: str) -> None:
+    from moa_train.cli.validate import validate
     from moa_train.errors import MoATrainError
-    from moa_train.validate import validate
 
     cfg = compose([*TINY, *overrides])
     with pytest.raises(MoATrainError, match=re.escape(message)):

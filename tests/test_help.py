@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli
-from moa_train.cli_help import group_choices
+from moa_train.cli.help import group_choices
 
 GROUPS = {
     "moa-train": ["experiment", "model", "data", "experts", "router", "optimizer", "scheduler", "trainer",

@@ -1,4 +1,4 @@
-"""MoA inside transformers.Trainer and TRL's SFTTrainer / DPOTrainer (moa_train.hf_trainer), on a tiny model."""
+"""MoA inside transformers.Trainer and TRL's SFTTrainer / DPOTrainer (moa_train.train.hf_trainer), on a tiny model."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from moa_train import MoAConfig, get_moa_model
-from moa_train.hf_trainer import MoAReference, MoATrainer, moa_trainer
-from moa_train.model import MoAModel
+from moa_train.core.model import MoAModel
+from moa_train.train.hf_trainer import MoAReference, MoATrainer, moa_trainer
 from tiny_models import char_tokenizer, tiny_model
 
 datasets = pytest.importorskip("datasets")

@@ -13,7 +13,7 @@ pytest.importorskip("lm_eval")
 
 from moa_train import MoAConfig, get_moa_model  # noqa: E402
 from moa_train.errors import MoATrainError  # noqa: E402
-from moa_train.lm_eval_backend import run_lm_eval, summarize_task  # noqa: E402
+from moa_train.eval.lm_eval_backend import run_lm_eval, summarize_task  # noqa: E402
 from tiny_models import CHARS, char_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

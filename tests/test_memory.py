@@ -7,7 +7,7 @@ import gc
 import pytest
 import torch
 
-from moa_train.memory import peak_memory_mb, reset_peak_memory
+from moa_train.core.memory import peak_memory_mb, reset_peak_memory
 
 
 def test_cpu_peak_restarts_after_reset() -> None:

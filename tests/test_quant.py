@@ -25,7 +25,7 @@ EVERY_EXPERT = ["experts=all", "router=soft_swiglu"]
 
 
 def _tiny(quantization: str | None) -> tuple[torch.nn.Module, object]:
-    from moa_train.base_models import load_base_model, place_base
+    from moa_train.models.base import load_base_model, place_base
 
     cfg = OmegaConf.load(CONFIGS / "model" / "tiny_random.yaml")
     cfg.quantization = quantization
@@ -45,7 +45,7 @@ def _dequantized(linear: torch.nn.Module) -> torch.Tensor:
 
 @pytest.mark.parametrize("quantization", ["nf4", "fp4", "int8"])
 def test_prompt_keys_values_come_from_the_quantized_projections(quantization: str) -> None:
-    from moa_train.experts.prompt import PromptExpert
+    from moa_train.core.experts.prompt import PromptExpert
 
     base, _ = _tiny(quantization)
     attn = base.model.layers[0].self_attn
@@ -83,8 +83,8 @@ def test_nf4_base_trains_every_expert_and_records_its_quantization(tmp_path: Pat
 @pytest.mark.slow
 def test_4bit_base_learns_saves_reloads_and_evaluates(tmp_path: Path) -> None:
     from moa_train import MoAConfig, get_moa_model
-    from moa_train.logging import read_metrics
-    from moa_train.model import MoAModel
+    from moa_train.core.model import MoAModel
+    from moa_train.train.loggers import read_metrics
 
     # ~30 steps with every expert type on a 4-bit base: the loss falls
     args = [
@@ -141,8 +141,8 @@ def test_4bit_base_learns_saves_reloads_and_evaluates(tmp_path: Path) -> None:
 def test_bad_quantization_values_fail_before_loading(compose, overrides: list[str], message: str) -> None:
     import re
 
+    from moa_train.cli.validate import validate
     from moa_train.errors import MoATrainError
-    from moa_train.validate import validate
 
     with pytest.raises(MoATrainError, match=re.escape(message)):
         validate(compose([*TINY, *overrides]), "train")

@@ -65,7 +65,7 @@ def sweep(tmp_path: Path) -> Path:
     make_job(root, 2, ["experiment=math_lora", "seed=0", *common],
              correct={"add": [0, 0], "sub": [1, 1]}, summary=ok_summary(200, 90.0))  # fmt: skip
     make_job(root, 3, ["experiment=math_lora", "seed=1", *common],
-             log="[x][moa_train.train][INFO] - training\nRuntimeError: CUDA out of memory\n")  # fmt: skip
+             log="[x][moa_train.train.recipe][INFO] - training\nRuntimeError: CUDA out of memory\n")  # fmt: skip
     # method c: never finished anything
     make_job(root, 4, ["experiment=math_molora", "seed=0", *common])
     return root
@@ -149,7 +149,7 @@ def test_cli_writes_report_and_errors_cleanly(sweep: Path, tmp_path: Path, capsy
 
 
 def test_sweep_summary_gains_mean_std_over_seeds(sweep: Path) -> None:
-    from moa_train.sweep import write_summary
+    from moa_train.cli.sweep import write_summary
 
     for num, acc in ((0, 0.5), (1, 0.7)):  # what the trainer's final evaluation adds to summary.json
         path = sweep / str(num) / "summary.json"

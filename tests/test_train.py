@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from conftest import TINY, compose_config, train_in_process
 from moa_train.data import load_splits
 from moa_train.errors import MoATrainError
-from moa_train.logging import Backend, RunLogger, make_logger, read_metrics
-from moa_train.train import BatchPlan, LRSchedule, build_optimizer, learning_rate, token_cross_entropy
-from moa_train.train_metrics import RouterLog, router_metrics
+from moa_train.train.loggers import Backend, RunLogger, make_logger, read_metrics
+from moa_train.train.metrics import RouterLog, router_metrics
+from moa_train.train.recipe import BatchPlan, LRSchedule, build_optimizer, learning_rate, token_cross_entropy
 
 NO_EVAL = ["final_eval.enabled=false"]
 
@@ -92,7 +92,7 @@ def test_token_cross_entropy_is_the_summed_shifted_loss() -> None:
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    from moa_train.base_models import load_tokenizer
+    from moa_train.models.base import load_tokenizer
 
     return load_tokenizer("smollm2")
 
@@ -197,7 +197,7 @@ def test_dead_expert_warning_after_n_quiet_intervals(tmp_path: Path, caplog) -> 
     cfg = compose_config(TINY + ["trainer.dead_expert_intervals=3", "trainer.heatmap_every_steps=2"])
     logger = RunLogger(Backend(), tmp_path)
     telemetry, model = RouterLog(cfg, tmp_path, logger), _FakeModel()
-    with caplog.at_level(logging.WARNING, logger="moa_train.train"):
+    with caplog.at_level(logging.WARNING, logger="moa_train.train.recipe"):
         for step in (1, 2):
             telemetry.router(model, step)
         assert not [r for r in caplog.records if "dead expert" in r.message]

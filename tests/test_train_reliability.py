@@ -16,9 +16,10 @@ from pathlib import Path
 import pytest
 
 from conftest import OFFLINE_ENV, console_script, run_cli
-from moa_train import checkpoint
-from moa_train.cli import eval_main, train_main
+from moa_train import rundir
+from moa_train.cli.main import eval_main, train_main
 from moa_train.errors import EXIT_PREEMPTED
+from moa_train.train import checkpoint
 from test_bad_inputs import invoke, snapshot
 
 ARGS = [
@@ -110,10 +111,10 @@ def test_a_run_dir_holding_a_run_is_refused_unless_overwrite(tmp_path: Path) -> 
 
 def _signal_during_step(monkeypatch: pytest.MonkeyPatch, signum: int, at_call: int) -> None:
     """Deliver ``signum`` to this process in the middle of an optimizer step (a micro-batch)."""
-    import moa_train.train
+    import moa_train.train.recipe
 
     calls = {"n": 0}
-    real_add = moa_train.train.Meter.add
+    real_add = moa_train.train.recipe.Meter.add
 
     def add(self, *args: object) -> None:
         calls["n"] += 1
@@ -121,7 +122,7 @@ def _signal_during_step(monkeypatch: pytest.MonkeyPatch, signum: int, at_call: i
             os.kill(os.getpid(), signum)
         real_add(self, *args)
 
-    monkeypatch.setattr(moa_train.train.Meter, "add", add)
+    monkeypatch.setattr(moa_train.train.recipe.Meter, "add", add)
 
 
 @pytest.mark.parametrize(
@@ -158,7 +159,7 @@ def test_stop_signal_saves_the_step_and_resume_is_bit_identical(
 
 
 def test_resume_extends_a_finished_run_with_max_steps(tmp_path: Path) -> None:
-    from moa_train.logging import read_metrics
+    from moa_train.train.loggers import read_metrics
 
     run = tmp_path / "run"
     assert invoke(train_main, [*ARGS, "trainer.max_steps=4", f"hydra.run.dir={run}"], tmp_path)[0] == 0
@@ -222,7 +223,7 @@ PRUNE_AND_DIE = textwrap.dedent(
     """
     import os, shutil, signal, sys
     from pathlib import Path
-    from moa_train import checkpoint
+    from moa_train.train import checkpoint
     run, where = Path(sys.argv[1]), sys.argv[2]
     die = lambda *a, **k: os.kill(os.getpid(), signal.SIGKILL)
     if where == "rename":  # after the marker is gone, before the folder leaves its step-N name
@@ -256,7 +257,7 @@ def test_kill9_during_pruning_never_leaves_a_checkpoint_that_looks_complete(
                 (d / f"{n}.safetensors").is_file() for n in ("adapter_model", "optimizer", "rng-rank0")
             )
     assert [p.name for p in checkpoint.step_checkpoints(run)] == ["step-2", "step-3"]
-    assert checkpoint.resolve_resume(run).checkpoint.name == "step-3"
+    assert rundir.resolve_resume(run).checkpoint.name == "step-3"
 
 
 def test_full_disk_is_one_line_and_keeps_the_previous_checkpoint(
@@ -383,7 +384,7 @@ def test_a_short_run_still_saves_a_heatmap(tmp_path: Path) -> None:
 def test_wandb_online_start_is_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import wandb
 
-    from moa_train.logging import WANDB_INIT_TIMEOUT, WandbBackend
+    from moa_train.train.loggers import WANDB_INIT_TIMEOUT, WandbBackend
 
     calls = []
 

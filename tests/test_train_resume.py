@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 from conftest import OFFLINE_ENV, TINY, console_script, run_cli
-from moa_train.logging import read_metrics
+from moa_train.train.loggers import read_metrics
 
 ARGS = TINY + [
     "final_eval.enabled=false",

@@ -6,9 +6,9 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from moa_train.config import MoAConfig, RouterConfig
+    from moa_train.core.config import MoAConfig, RouterConfig
+    from moa_train.core.model import MoAModel, get_moa_model
     from moa_train.errors import MoATrainError
-    from moa_train.model import MoAModel, get_moa_model
 
 __all__ = ["MoAConfig", "RouterConfig", "MoAModel", "MoATrainError", "get_moa_model"]
 __version__ = "0.1.0"
@@ -16,11 +16,11 @@ __version__ = "0.1.0"
 # Lazy exports (PEP 562): `import moa_train` must not import torch, so that the console scripts can
 # compose configs and report a bad option in well under a second; torch loads on first use.
 _EXPORTS = {
-    "MoAConfig": "moa_train.config",
-    "RouterConfig": "moa_train.config",
+    "MoAConfig": "moa_train.core.config",
+    "RouterConfig": "moa_train.core.config",
     "MoATrainError": "moa_train.errors",
-    "MoAModel": "moa_train.model",
-    "get_moa_model": "moa_train.model",
+    "MoAModel": "moa_train.core.model",
+    "get_moa_model": "moa_train.core.model",
 }
 
 

@@ -1,4 +1,7 @@
-"""Run folders: planned from the config, claimed atomically after validation, never reused by accident.
+"""Run folders: the one module that knows their layout (names, claiming, ``summary.json``, finding the
+newest complete checkpoint, refusing code from saved files). Train, resume, eval, report and export use it.
+
+Planned from the config, claimed atomically after validation, never reused by accident.
 
 A new run's folder is claimed by creating its ``config.yaml`` with ``os.link`` (which fails when the
 file exists), so two runs started in the same second, or on several machines sharing a file system,
@@ -8,18 +11,27 @@ explicit ``hydra.run.dir`` that already holds a run is refused unless ``resume=`
 
 from __future__ import annotations
 
-import contextlib
+import json
 import os
-import secrets
+import re
 import shutil
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from moa_train.errors import MoATrainError
+from moa_train.files import write_atomic, write_new
 
 CONFIG_NAME = "config.yaml"
+SUMMARY_NAME = "summary.json"  # what a finished (or stopped) run reports
+STATE_NAME = "trainer_state.json"  # written last into a checkpoint folder: marks it complete
+ADAPTER_CONFIG = "adapter_config.json"  # a saved adapter (a checkpoint or an exported/copied one)
+STEP_DIR = re.compile(r"^step-(\d+)$")
 # Files and folders that only a run writes: a folder holding any of them holds a run.
-RUN_MARKERS = (CONFIG_NAME, "checkpoints", "final", "summary.json", "metrics.jsonl", "train.log", ".hydra")
+RUN_MARKERS = (CONFIG_NAME, "checkpoints", "final", SUMMARY_NAME, "metrics.jsonl", "train.log", ".hydra")
 
 # Folders Hydra may create for this invocation before the job validates: (run dir, first new ancestor).
 _PLANNED: list[tuple[Path, Path]] = []
@@ -96,36 +108,6 @@ def claim(run_dir: Path, config_text: str, *, auto: bool, overwrite: bool) -> Pa
     raise MoATrainError(f"no free run dir next to {base}; choose hydra.run.dir")
 
 
-def write_new(path: Path, text: str) -> bool:
-    """Write ``text`` to ``path`` only if it does not exist (atomic: complete or absent); False if taken."""
-    with _synced_temp(path, text) as tmp:
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            return False
-        return True
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` atomically (a unique temp file renamed over it)."""
-    with _synced_temp(path, text) as tmp:
-        os.replace(tmp, path)
-
-
-@contextlib.contextmanager
-def _synced_temp(path: Path, text: str) -> Iterator[Path]:
-    """A temp file beside ``path`` (unique per process and call) holding ``text`` on disk; removed after."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        yield tmp
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def _clear(path: Path) -> None:
     """``overwrite=true``: delete what the earlier run left in ``path``."""
     for entry in path.iterdir():
@@ -133,3 +115,138 @@ def _clear(path: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------
+# summary.json
+# ----------------------------------------------------------------------------------------------------
+
+
+def read_summary(run_dir: Path) -> dict[str, Any]:
+    """A run's ``summary.json`` ({} while it has none)."""
+    path = Path(run_dir) / SUMMARY_NAME
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    write_atomic(Path(run_dir) / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Checkpoints of a run: which exist, which is newest
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ResumeTarget:
+    run_dir: Path
+    checkpoint: Path | None  # None: a run dir without any complete checkpoint
+
+
+def resolve_resume(path: str | os.PathLike[str]) -> ResumeTarget:
+    """``resume=<run dir | checkpoint dir>`` -> the run dir and the checkpoint to load.
+
+    A run dir resumes from its newest complete checkpoint: ``final/`` of a finished run (to extend it),
+    else the highest ``checkpoints/step-<N>/``.
+    """
+    target = Path(path).expanduser().resolve()
+    if (target / STATE_NAME).is_file():  # a checkpoint (step-N or final)
+        run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise MoATrainError(
+                f"resume={path}: {run_dir} has no {CONFIG_NAME}; pass the run dir it belongs to"
+            )
+        return ResumeTarget(run_dir, target)
+    if (target / CONFIG_NAME).is_file():  # a run dir: its newest complete checkpoint
+        final = target / "final"
+        if (final / STATE_NAME).is_file():
+            return ResumeTarget(target, final)
+        return ResumeTarget(target, latest_checkpoint(target))
+    raise MoATrainError(
+        f"resume={path}: not a run directory (no {CONFIG_NAME}) nor a checkpoint (no {STATE_NAME})"
+    )
+
+
+def step_checkpoints(run_dir: Path, marker: str = STATE_NAME) -> list[Path]:
+    """Complete step checkpoints of a run (holding ``marker``), oldest first (temporary dirs never match)."""
+    root = Path(run_dir) / "checkpoints"
+    if not root.is_dir():
+        return []
+    found = [
+        (int(m.group(1)), p)
+        for p in root.iterdir()
+        if (m := STEP_DIR.match(p.name)) and (p / marker).is_file()  # the marker is written last
+    ]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = step_checkpoints(run_dir)
+    return found[-1] if found else None
+
+
+def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
+    """A checkpoint dir (holds adapter_config.json), or a run dir -> its ``final/`` or newest ``checkpoints/step-N/``."""
+    root = Path(path).expanduser()
+    if not root.exists():
+        raise MoATrainError(f"checkpoint not found: {root}")
+    if (root / ADAPTER_CONFIG).is_file():
+        return root
+    if (root / "final" / ADAPTER_CONFIG).is_file():
+        return root / "final"
+    steps = step_checkpoints(root, marker=ADAPTER_CONFIG)
+    if steps:
+        return steps[-1]
+    raise MoATrainError(
+        f"{root} is not a checkpoint: no {ADAPTER_CONFIG} in it, in final/ or in checkpoints/step-N/"
+    )
+
+
+# ----------------------------------------------------------------------------------------------------
+# No code from files
+# ----------------------------------------------------------------------------------------------------
+
+CODE_KEYS = ("trust_remote_code",)  # options that make a loader execute code shipped with a model/data
+
+
+def refuse_code_from_file(from_file: Any, current: Any, source: Any) -> None:
+    """Nothing read from a checkpoint or a run dir may turn on code loading.
+
+    Every code-loading option that ``from_file`` (a saved config node) turns on must also be on in
+    ``current`` (the node composed from this command line), and a saved node may not name a
+    ``_target_`` to instantiate. Raise one MoATrainError naming the file and the key otherwise.
+    """
+    data = OmegaConf.to_container(from_file, resolve=False) if OmegaConf.is_config(from_file) else from_file
+    for path, value in _walk(data):
+        leaf = path.rsplit(".", 1)[-1]
+        if leaf == "_target_":
+            raise MoATrainError(
+                f"{source} names code to instantiate ({path}={value!r}); a saved run or checkpoint may not"
+            )
+        if leaf in CODE_KEYS and value not in (False, None, 0, "false", "False"):
+            now = OmegaConf.select(current, path, default=None) if OmegaConf.is_config(current) else None
+            if now is not True:
+                raise MoATrainError(
+                    f"{source} sets {path}={show_value(value)}, but code loading is never enabled from a saved "
+                    f"file; if you trust that model's code, add {path}=true to the command line"
+                )
+
+
+def _walk(data: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    if isinstance(data, dict):
+        for key, value in data.items():
+            yield from _walk(value, f"{prefix}{key}" if not prefix else f"{prefix}.{key}")
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            yield from _walk(value, f"{prefix}[{i}]")
+    else:
+        yield prefix, data
+
+
+def show_value(value: Any) -> str:
+    """A config value as the user would type it (true/false, quoted strings, plain containers)."""
+    if isinstance(value, ListConfig | DictConfig):
+        value = OmegaConf.to_container(value)
+    if isinstance(value, bool):
+        return str(value).lower()
+    return repr(value) if isinstance(value, str) else str(value)

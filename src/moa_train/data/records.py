@@ -37,7 +37,7 @@ def infer_answer_type(dataset: str, answers: Iterable[Any] = ()) -> str:
 
     Delegates to the evaluator's rule table so that training data and evaluation agree.
     """
-    from moa_train.extract import infer_answer_type as _infer
+    from moa_train.data.answers import infer_answer_type as _infer
 
     return _infer(dataset, [str(a) for a in answers])
 

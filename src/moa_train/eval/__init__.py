@@ -13,6 +13,7 @@ One concern per module:
 - :mod:`~moa_train.eval.run`: :func:`run_from_config`, the body of ``moa-eval``.
 """
 
+from moa_train.data.answers import extract_answer
 from moa_train.eval.checkpoints import resolve_checkpoint
 from moa_train.eval.decoding import DecodingConfig
 from moa_train.eval.generation import GenerationOutput, generate
@@ -20,7 +21,6 @@ from moa_train.eval.outputs import markdown_table
 from moa_train.eval.run import run_from_config
 from moa_train.eval.scoring import evaluate_records
 from moa_train.eval.sources import load_eval_records, load_llm_adapters_file
-from moa_train.extract import extract_answer
 
 __all__ = [
     "DecodingConfig",

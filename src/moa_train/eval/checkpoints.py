@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -19,33 +18,9 @@ from omegaconf import DictConfig, OmegaConf
 from moa_train.data.template import TEMPLATES
 from moa_train.errors import MoATrainError
 from moa_train.eval.generation import model_device
+from moa_train.rundir import ADAPTER_CONFIG, refuse_code_from_file, resolve_checkpoint  # noqa: F401 (re-exported)
 
 log = logging.getLogger(__name__)
-
-
-ADAPTER_CONFIG = "adapter_config.json"
-
-
-def _step_number(path: Path) -> int:
-    match = re.fullmatch(r"step-(\d+)", path.name)
-    return int(match.group(1)) if match else -1
-
-
-def resolve_checkpoint(path: str | os.PathLike[str]) -> Path:
-    """A checkpoint dir (holds adapter_config.json), or a run dir -> its ``final/`` or newest ``checkpoints/step-N/``."""
-    root = Path(path).expanduser()
-    if not root.exists():
-        raise MoATrainError(f"checkpoint not found: {root}")
-    if (root / ADAPTER_CONFIG).is_file():
-        return root
-    if (root / "final" / ADAPTER_CONFIG).is_file():
-        return root / "final"
-    steps = [d for d in (root / "checkpoints").glob("step-*") if (d / ADAPTER_CONFIG).is_file()]
-    if steps:
-        return max(steps, key=_step_number)
-    raise MoATrainError(
-        f"{root} is not a checkpoint: no {ADAPTER_CONFIG} in it, in final/ or in checkpoints/step-N/"
-    )
 
 
 def _task_overrides(cfg: DictConfig) -> list[str]:
@@ -75,8 +50,6 @@ def base_model_node(cfg: DictConfig, adapter_config: Mapping[str, Any] | None) -
         return cfg.model
     node = OmegaConf.create(saved)
     fields_set = [o.split("model.", 1)[1] for o in overrides if re.match(r"^[+~]*model\.", o)]
-    from moa_train.validate import refuse_code_from_file  # a checkpoint never turns on code loading
-
     command_line = OmegaConf.create({"model": OmegaConf.from_dotlist(fields_set)})
     refuse_code_from_file({"model": saved}, command_line, source=f"the checkpoint's {ADAPTER_CONFIG}")
     return OmegaConf.merge(node, OmegaConf.from_dotlist(fields_set)) if fields_set else node
@@ -91,8 +64,8 @@ def load_model_for_eval(
     as moa-train does ("frozen base in the compute dtype"): the residual stream then has the same
     dtype as during training and its final evaluation, not just the autocast matmuls.
     """
-    from moa_train.base_models import load_base_model, place_base
-    from moa_train.model import MoAModel
+    from moa_train.core.model import MoAModel
+    from moa_train.models.base import load_base_model, place_base
 
     adapter_config = MoAModel.read_config(ckpt_dir) if ckpt_dir else None
     node = base_model_node(cfg, adapter_config)

@@ -65,7 +65,7 @@ def save_router_outputs(
     out_dir: Path, router: Mapping[str, Mapping[str, Any]], cases: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """router_stats.json, one layer x expert heat-map of the mean gate per dataset, router_cases.json."""
-    from moa_train.plots import save_heatmap
+    from moa_train.eval.plots import save_heatmap
 
     write_json(out_dir / "router_stats.json", router)
     heatmaps = {}

@@ -10,11 +10,11 @@ from typing import Any
 
 import torch
 
+from moa_train.data.answers import AnswerRule, extract, is_correct, rule_for
 from moa_train.errors import MoATrainError
 from moa_train.eval.decoding import DecodingConfig
 from moa_train.eval.generation import Throughput, generate
 from moa_train.eval.router_analysis import router_analysis, set_telemetry, telemetry_enabled
-from moa_train.extract import AnswerRule, extract, is_correct, rule_for
 
 # Max new tokens per task family (LLM-Adapters: 256 math, 32 commonsense); moa-eval presets override.
 DEFAULT_MAX_NEW_TOKENS = {"math": 256, "commonsense": 32, "arithmetic": 16, "default": 64}

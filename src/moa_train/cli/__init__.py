@@ -1,0 +1,1 @@
+"""Command-line layer: entry points, the Hydra job, launchers, validation, sweep summary, export."""

@@ -1,0 +1,203 @@
+"""Router: gate network (linear / SwiGLU / none) -> activation -> selection, plus aux losses and telemetry."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moa_train.core.config import RouterConfig
+from moa_train.core.ops import autocast_off, few_rows_on_cpu
+from moa_train.core.routers import aux_losses, selection
+from moa_train.core.routers.dynmole import dynmole
+from moa_train.core.telemetry import RouterTelemetry, in_backward
+from moa_train.errors import MoATrainError
+
+
+class RouterOutput:
+    """weights [..., E]: what each expert's output is multiplied by (0 where not kept); keep [..., E]: bool,
+    None for dense routing (every expert runs); probs [..., E]: normalised gate distribution (entropy,
+    load balance); threshold [..., 1]: Γ or τ, when the selection has one.
+
+    Perf: for sigmoid / constant gates ``probs`` (gates / their sum) is only needed by telemetry and aux
+    losses, so it is computed on first access from ``gates`` instead of on every forward (decoding runs
+    with telemetry off).
+    """
+
+    __slots__ = ("weights", "keep", "threshold", "_probs", "_gates")
+
+    def __init__(self, weights, keep, probs, threshold, gates=None) -> None:
+        self.weights, self.keep, self.threshold = weights, keep, threshold
+        self._probs, self._gates = probs, gates
+
+    @property
+    def probs(self) -> torch.Tensor:
+        if self._probs is None:
+            self._probs = self._gates / self._gates.sum(-1, keepdim=True)
+        return self._probs
+
+
+class SwiGLUGate(nn.Module):
+    """z = W2(SiLU(W1 x + b1) * (W3 x + b3)) + b2 with zero-initialised biases (spec B.1, swi_x > 0)."""
+
+    def __init__(self, in_features: int, hidden: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.w1 = nn.Linear(in_features, hidden, bias=bias)
+        self.w3 = nn.Linear(in_features, hidden, bias=bias)
+        self.w2 = nn.Linear(hidden, out_features, bias=bias)
+        if bias:
+            for lin in (self.w1, self.w3, self.w2):
+                nn.init.zeros_(lin.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w1, w3, w2 = self.w1, self.w3, self.w2
+        if not torch.is_grad_enabled():  # inference: fewest calls beat one pass over x (decoding, T = 1)
+            hidden = F.silu(F.linear(x, w1.weight, w1.bias)) * F.linear(x, w3.weight, w3.bias)
+            return F.linear(hidden, w2.weight, w2.bias)
+        # Perf: W1 and W3 read the same x, so in training they run as one GEMM on the stacked weights
+        # (one pass over x forward, one input-gradient GEMM and no gradient add backward); same sums.
+        bias = None if w1.bias is None else torch.cat([w1.bias, w3.bias])
+        gate, up = F.linear(x, torch.cat([w1.weight, w3.weight]), bias).chunk(2, dim=-1)
+        return F.linear(F.silu(gate) * up, w2.weight, w2.bias)
+
+
+class Router(nn.Module):
+    """Gates for ``num_experts`` experts from an input of width ``in_features``."""
+
+    def __init__(self, in_features: int, num_experts: int, cfg: RouterConfig, state=None) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.num_experts = num_experts
+        self._state = state  # shared MoAState (python object, not a module)
+        if cfg.kind == "linear":
+            self.net = nn.Linear(in_features, num_experts, bias=cfg.bias)
+        elif cfg.kind == "swiglu":
+            self.net = SwiGLUGate(in_features, cfg.hidden_mult * num_experts, num_experts, cfg.bias)
+        else:
+            self.net = None
+        learned = (cfg.selection == "threshold" and not cfg.const_threshold) or cfg.selection == "adamole"
+        self.threshold = nn.Linear(in_features, 1) if learned else None
+        self.telemetry = RouterTelemetry(num_experts)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
+        """x: [..., in]; mask: [...] real-token weights (padding 0) for statistics and aux losses."""
+        if few_rows_on_cpu(x):  # decoding on CPU: fp32 without autocast is faster (see FEW_ROWS)
+            with autocast_off():
+                return self._forward(x, mask)
+        return self._forward(x, mask)
+
+    def _forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> RouterOutput:
+        cfg, num = self.cfg, self.num_experts
+        if self.net is None:  # naive composition: every expert at full weight
+            ones = x.new_ones(*x.shape[:-1], num)
+            out = RouterOutput(ones, None, None, None, gates=ones)
+            self.record(out, mask)
+            return out
+        if not torch.is_autocast_enabled(x.device.type):  # under autocast F.linear casts x itself (perf)
+            x = x.to(self._param_dtype())
+        logits = self.net(x)
+        if cfg.activation == "sigmoid":
+            gates = torch.sigmoid(logits)
+            probs = None  # gates / gates.sum(-1): computed on demand (RouterOutput.probs)
+        else:
+            probs = torch.softmax(logits.float(), dim=-1).to(logits.dtype)
+            gates = probs * num if cfg.activation == "scaled_softmax" else probs
+
+        threshold = None
+        if cfg.selection == "dense":
+            weights, keep = gates, None
+        elif cfg.selection == "threshold":
+            if self.threshold is None:
+                threshold = gates.new_full((*gates.shape[:-1], 1), cfg.max_threshold)
+            else:
+                threshold = cfg.max_threshold * torch.sigmoid(self.threshold(x))
+            weights, keep = selection.learned_threshold(gates, threshold, cfg.threshold_grad)
+        elif cfg.selection == "topk":
+            weights, keep = selection.top_k(probs, cfg.top_k)
+        elif cfg.selection == "topp":
+            weights, keep = selection.top_p(probs, cfg.top_p)
+        elif cfg.selection == "dynmole":
+            weights, keep = dynmole(
+                probs, cfg.top_p, cfg.keep_top_k, cfg.entropy_index, cfg.entropy_threshold
+            )
+        else:  # adamole: τ = (1/E) σ(w·x + b)
+            threshold = torch.sigmoid(self.threshold(x)) / num
+            weights, keep = selection.adamole(probs, threshold)
+
+        out = RouterOutput(weights, keep, probs, threshold, gates=gates)
+        self._aux(logits, out, mask)
+        self.record(out, mask)
+        return out
+
+    def record(self, out: RouterOutput, mask: torch.Tensor | None) -> None:
+        state = self._state
+        if state is not None and state.collect_stats and not in_backward():
+            self.telemetry.update(out.weights, out.keep, out.probs, out.threshold, mask)
+        if state is not None and state.capture is not None and not in_backward():
+            if state.capture_only is None or id(self) in state.capture_only:
+                state.capture.append(out.weights.detach())
+
+    def _aux(self, logits: torch.Tensor, out: RouterOutput, mask: torch.Tensor | None) -> None:
+        """Aux losses only when a coefficient asks for them and gradients are on (training).
+
+        A site router runs inside the decoder layer, so non-reentrant activation checkpointing replays it
+        in backward; that replay must run the same tensor ops as the forward (it has to save the same
+        tensors, else torch raises CheckpointError), so the losses are computed there too and only
+        recording them is skipped: each aux loss counts once, from the forward."""
+        cfg, state = self.cfg, self._state
+        if state is None or not torch.is_grad_enabled():
+            return
+        record = not in_backward()
+        num = self.num_experts
+        flat_mask = None if mask is None else mask.reshape(-1).to(logits.dtype)
+        if flat_mask is not None and flat_mask.numel() != logits.reshape(-1, num).shape[0]:
+            flat_mask = None  # instance-level routers pool the mask away
+        losses: list[tuple[str, torch.Tensor, float]] = []
+        if cfg.load_balance_coef:
+            losses.append(("load_balance", self._balance(out, flat_mask, record), cfg.load_balance_coef))
+        if cfg.z_loss_coef:
+            losses.append(("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef))
+        if cfg.entropy_coef:
+            probs = out.probs.reshape(-1, num)
+            if cfg.selection == "dynmole":  # DynMoLE minimises the entropy it routes by
+                loss = aux_losses.tsallis(probs, flat_mask, cfg.entropy_index)
+            else:
+                loss = aux_losses.entropy(probs, flat_mask)
+            losses.append(("entropy", loss, cfg.entropy_coef))
+        if cfg.lbc_coef:
+            if state.task_types is None:
+                raise MoATrainError(
+                    "router.lbc_coef > 0 needs each example's task type: set data.task_type_field or "
+                    "data.task_types (see docs/experiments.md)"
+                )
+            weights = out.weights.reshape(-1, *out.weights.shape[-2:])  # [B, T, E]
+            token_mask = None if mask is None else mask.reshape(weights.shape[:2])
+            loss = aux_losses.localized_balance(weights, token_mask, state.task_types, cfg.lbc_alpha)
+            losses.append(("lbc", loss, cfg.lbc_coef))
+        if record:
+            for name, loss, coef in losses:
+                state.add_aux(name, loss, coef)
+
+    def _balance(
+        self, out: RouterOutput, flat_mask: torch.Tensor | None, record: bool = True
+    ) -> torch.Tensor:
+        """The load-balance loss of this forward; with balance_scope=global, f_e counts every micro-batch
+        of the optimizer step so far on every data-parallel rank (MoAState.step_counts). ``record``
+        False (the checkpoint replay in backward): reuse the totals the forward stored, without adding
+        this micro-batch again or reducing over ranks (a collective in backward could deadlock)."""
+        cfg, state, num = self.cfg, self._state, self.num_experts
+        probs = out.probs.reshape(-1, num)
+        keep = out.keep.reshape(-1, num) if out.keep is not None else torch.ones_like(probs, dtype=torch.bool)
+        official = cfg.balance_norm == "official"
+        tau = out.threshold.reshape(-1, 1) if official and cfg.selection == "adamole" else None
+        counts, tokens = aux_losses.assignment_counts(keep, flat_mask, cfg.balance_norm)
+        if cfg.balance_scope == "global":
+            if record:
+                counts, tokens = state.accumulate_counts(self, counts, tokens)
+            else:
+                totals = state.step_counts[id(self)]
+                counts, tokens = totals[:-1], totals[-1]
+        return aux_losses.balance_from(counts, tokens, aux_losses.mean_probability(probs, flat_mask, tau))
+
+    def _param_dtype(self) -> torch.dtype:
+        return next(self.parameters()).dtype

