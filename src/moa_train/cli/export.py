@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moa_train.core.config import DEFAULT_SITE_MODULES, MoAConfig
+from moa_train.core.config import MoAConfig
 from moa_train.errors import MoATrainError, entry_point
 
 __all__ = ["FORMATS", "export", "lora_deltas", "main", "routed_reason"]
@@ -62,6 +62,8 @@ def routed_reason(cfg: MoAConfig) -> str | None:
         )
     if not cfg.lora_targets:
         return "it has no LoRA experts"
+    if "experts" in cfg.lora_targets:
+        return "it has LoRA on the routed experts of an MoE base (per-expert deltas PEFT LoRA does not hold)"
     return None
 
 
@@ -70,13 +72,20 @@ def lora_deltas(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float
 
     ``model`` is a MoAModel of a configuration :func:`routed_reason` accepts.
     """
-    from moa_train.core.inject import find_decoder_layers
+    from moa_train.core.inject import find_decoder_layers, model_family
 
     base = model.base_model
     names = {id(m): n for n, m in base.named_modules()}
     cfg: MoAConfig = model.moa_config
     out: dict[str, tuple[torch.Tensor, torch.Tensor, float]] = {}
-    for layer, moa in zip(find_decoder_layers(base), model._moa_layers):
+    family = model_family(base, cfg)
+    fused = sorted(set(cfg.lora_targets) & set(family.fused))
+    if fused:
+        raise MoATrainError(
+            f"LoRA on '{fused[0]}' adapts a slice of {family.name}'s fused {family.fused[fused[0]].path}; a PEFT "
+            "LoRA adapts whole modules, so this checkpoint cannot be exported (evaluate it with moa-eval)"
+        )
+    for layer, moa in zip(find_decoder_layers(base, cfg), model._moa_layers):
         if moa is None:
             continue
         if moa.router is not None or moa.prompt is not None or moa.pa is not None:
@@ -84,7 +93,7 @@ def lora_deltas(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float
         for site, expert in moa.lora.items():
             if expert.router is not None:
                 raise MoATrainError("internal: a routed site reached lora_deltas")
-            module = layer.get_submodule(cfg.site_modules.get(site, DEFAULT_SITE_MODULES[site]))
+            module = layer.get_submodule(family.path(site))
             b = expert.B.detach().float()
             if expert.mixer is not None:
                 b = b @ expert.mixer.detach().float()  # MoSLoRA: B M A = (B M) A

@@ -13,6 +13,10 @@ from moa_train.errors import MoATrainError
 # attention part q, k, v, [prompt], o; FFN part up, gate, down; then the parallel adapter.
 LORA_SITES = ("q", "k", "v", "o", "up", "gate", "down")
 SLOT_ORDER = ("q", "k", "v", "prompt", "o", "up", "gate", "down", "pa")
+# lora_targets may also name "experts": LoRA on every routed expert of an MoE base (gate/up and down of
+# each expert, inside the base's expert computation and routed by the base's router), not a slot of the
+# block router.
+LORA_TARGETS = (*LORA_SITES, "experts")
 # Default module paths inside a decoder layer (Llama, Mistral, Qwen2, Qwen3 and look-alikes).
 DEFAULT_SITE_MODULES = {
     "q": "self_attn.q_proj",
@@ -172,13 +176,13 @@ class MoAConfig:
             self.site_router = RouterConfig(**_known(self.site_router, RouterConfig, "site_router"))
         self.lora_targets = [str(t).lower() for t in (self.lora_targets or [])]
         for site in self.lora_targets:
-            _choice("lora target", site, LORA_SITES)
+            _choice("lora target", site, LORA_TARGETS)
         if len(set(self.lora_targets)) != len(self.lora_targets):
             raise MoATrainError(f"lora_targets has duplicates: {self.lora_targets}")
         if self.lora_targets and self.lora_rank <= 0:
             raise MoATrainError(f"lora_rank must be > 0, got {self.lora_rank}")
         for site, r in dict(self.lora_rank_pattern).items():
-            _choice("lora_rank_pattern site", site, LORA_SITES)
+            _choice("lora_rank_pattern site", site, LORA_TARGETS)
             if int(r) <= 0:
                 raise MoATrainError(f"lora_rank_pattern[{site}] must be > 0, got {r}")
         if not 0.0 <= self.lora_dropout < 1.0:
@@ -290,7 +294,8 @@ class MoAConfig:
         return types
 
     def max_block_experts(self) -> int:
-        return len(self.lora_targets) + (self.prompt_len > 0) + (self.pa_size > 0)
+        sites = [s for s in self.lora_targets if s != "experts"]  # routed-expert LoRA: the base router's
+        return len(sites) + (self.prompt_len > 0) + (self.pa_size > 0)
 
     def rank_for(self, site: str) -> int:
         return int(self.lora_rank_pattern.get(site, self.lora_rank))

@@ -167,16 +167,23 @@ class MoALayer(nn.Module):
         self.keep: torch.Tensor | None = None
         self._instance_cache: RouterOutput | None = None
         self._attn_input: torch.Tensor | None = None  # router input of prompt-MoE
+        # set by inject.py (plain attributes, not submodules): the norm whose output the attention reads
+        # (None: the residual stream itself, OLMo 2) and the family view of the attention (prompt expert)
+        self.__dict__.update(_attn_norm=None, _attn_view=None)
+
+    def _normed(self, h: torch.Tensor) -> torch.Tensor:
+        """The attention's input for the layer input h (what a ``normed`` router and prompt-MoE read)."""
+        return h if self._attn_norm is None else self._attn_norm(h)
 
     # -- step 1: the block router ---------------------------------------------------------------
     def route(self, decoder_layer: nn.Module, h: torch.Tensor) -> None:
         cfg, state = self.cfg.router, self._state
         if self.prompt is not None and self.prompt.router is not None:
-            self.__dict__["_attn_input"] = decoder_layer.input_layernorm(h)
+            self.__dict__["_attn_input"] = self._normed(h)
         if self.router is None:
             self.__dict__.update(weights=None, keep=None, _columns=None)
             return
-        x = h if cfg.input == "residual" else decoder_layer.input_layernorm(h)
+        x = h if cfg.input == "residual" else self._normed(h)
         mask = state.token_mask
         if cfg.granularity == "instance":
             out = self._route_instance(x, mask)
@@ -250,4 +257,4 @@ class MoALayer(nn.Module):
         The gate is folded into the prompt's attention probabilities (see PromptExpert.forward).
         """
         gate = None if self.weights is None else self.gate_column(self.slot_index["prompt"])
-        return self.prompt(attn, query, self._attn_input, gate)
+        return self.prompt(self._attn_view, query, self._attn_input, gate)

@@ -348,12 +348,12 @@ class MoAModel(nn.Module):
         """Remove every hook and expert; return the untouched base model."""
         for handle in self._handles:
             handle.remove()
-        for layer in find_decoder_layers(self.base_model):
+        for layer in find_decoder_layers(self.base_model, self.moa_config):
             if hasattr(layer, "moa"):
                 del layer.moa
-            attn = getattr(layer, "self_attn", None)
-            if attn is not None:
-                attn.__dict__.pop("_moa_layer", None)
+            for module in layer.modules():  # the attention (prompt expert) and MoE experts (routed LoRA)
+                module.__dict__.pop("_moa_layer", None)
+                module.__dict__.pop("_moa_routed", None)
         restore_attention(self.base_model)
         return self.base_model
 

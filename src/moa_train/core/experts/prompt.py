@@ -2,10 +2,12 @@
 by default the official form, one softmax over all E*L slots and one per-head gate for all groups).
 
 Per layer: L learnable vectors P. Keys/values come from the frozen base k/v projections of P (no
-LoRA, no RoPE; through k_norm on Qwen3), repeated over kv groups. Each post-RoPE query attends to the
-L slots with its own softmax (not joined with the causal softmax), times a per-head gate that starts at
-0, so the expert contributes nothing at init. The result is added to the attention output before
-o_proj. Prompt keys/values are rebuilt every call and never enter the KV cache.
+LoRA, no RoPE; the slices of a fused projection; through the family's k norm, per head as in Qwen3 /
+Gemma 3 or full width as in OLMo 2), repeated over kv groups. Each post-RoPE query attends to the
+L slots with its own softmax (not joined with the causal softmax), with the family's score scale and
+logit soft-cap (Gemma 2), times a per-head gate that starts at 0, so the expert contributes nothing at
+init. The slots have no position, so sliding windows do not hide them. The result is added to the
+attention output before o_proj. Prompt keys/values are rebuilt every call and never enter the KV cache.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch
 from torch import nn
 
 from moa_train.core.config import RouterConfig
+from moa_train.core.families import AttentionView
 from moa_train.core.ops import autocast_off, few_rows_on_cpu
 from moa_train.core.routers import Router
 
@@ -41,12 +44,12 @@ class PromptExpert(nn.Module):
 
     def forward(
         self,
-        attn: nn.Module,
+        attn: AttentionView,
         query: torch.Tensor,
         router_input: torch.Tensor | None = None,
         token_gate: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """query: [B, heads, T, head_dim] after RoPE; token_gate: [B, T, 1] block-router gate or None.
+        """attn: the family view of the layer's attention (families.AttentionView); query: [B, heads, T, head_dim] after RoPE; token_gate: [B, T, 1] block-router gate or None.
 
         Returns ``token_gate * prompt_attention`` as [B, T, heads, head_dim].
 
@@ -65,8 +68,8 @@ class PromptExpert(nn.Module):
         heads = query.shape[1]
         keys_t, values = self._keys_values(attn, heads, query.shape[-1], query.dtype)
         if query.shape[2] == 1 and self.router is None and not torch.is_grad_enabled():
-            return self._decode_step(query, keys_t, values, token_gate)
-        scores = torch.matmul(query, keys_t)  # [B, h, T, E*L], already scaled by attn.scaling
+            return self._decode_step(query, keys_t, values, token_gate, attn.softcap)
+        scores = _softcap(torch.matmul(query, keys_t), attn.softcap)  # [B, h, T, E*L], scaled by attn.scaling
         # Perf: the softmax runs on the scores laid out [B, h, E*L, T] (slots before tokens), i.e. over a
         # strided dim with T contiguous inner elements: ~20x faster on CPU than over a contiguous last dim
         # of size L = 10 (one tiny row per token). The transpose is taken after the matmul with the query
@@ -88,13 +91,13 @@ class PromptExpert(nn.Module):
         out = torch.matmul(probs.transpose(-1, -2), values)  # [B, h, T, hd]
         return out.transpose(1, 2)
 
-    def _decode_step(self, query, keys_t, values, token_gate) -> torch.Tensor:
+    def _decode_step(self, query, keys_t, values, token_gate, softcap=None) -> torch.Tensor:
         """One new token per sequence, no gradient: the same sums as _forward in about half the ops (perf:
         decoding runs this once per layer and token, where the per-op overhead dominates)."""
         # heads as the bmm batch and the B tokens as rows: the [heads, ...] prompt keys/values are used as
         # they are, where a [B, heads, 1, hd] query would make matmul broadcast (copy) them B times
         q = query[:, :, 0].transpose(0, 1)  # [h, B, hd]
-        probs = torch.softmax(torch.bmm(q, keys_t).float(), dim=-1)  # [h, B, L]
+        probs = torch.softmax(_softcap(torch.bmm(q, keys_t), softcap).float(), dim=-1)  # [h, B, L]
         coef = self.head_gate[0][:, None, None]  # [h, 1, 1]
         if token_gate is not None:  # [B, 1, 1] gate column
             coef = coef * token_gate.view(1, -1, 1)
@@ -102,32 +105,26 @@ class PromptExpert(nn.Module):
         return out.transpose(0, 1).unsqueeze(1)  # [B, 1, h, hd]
 
     def _keys_values(
-        self, attn: nn.Module, heads: int, head_dim: int, dtype: torch.dtype
+        self, attn: AttentionView, heads: int, head_dim: int, dtype: torch.dtype
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Prompt keys, transposed and pre-multiplied by the score scale [heads, head_dim, E*L], and values
         [heads, E*L, head_dim], in ``dtype``, from the frozen k/v projections."""
-        weight_k, weight_v = attn.k_proj.weight, attn.v_proj.weight
+        weight_k = attn.k_proj.weight
         # not while compiling: the cache key reads storage pointers (a graph break); a compiled decode step
         # recomputes the 10 prompt rows inside its graph instead
         cacheable = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
         if cacheable:
             device = weight_k.device.type
-            norm = getattr(attn, "k_norm", None)
             key = (
                 self.vectors._version,
                 self.vectors.data_ptr(),
-                weight_k._version,
-                weight_k.data_ptr(),
-                weight_v._version,
-                weight_v.data_ptr(),
-                weight_k.dtype,
+                attn.versions(),  # the k/v weights and the k norm
                 heads,
                 id(attn),
                 dtype,
                 attn.scaling,
                 torch.is_autocast_enabled(device),
                 torch.get_autocast_dtype(device),
-                None if norm is None else [(p._version, p.data_ptr()) for p in norm.parameters()],
             )
             cached = self.__dict__.get("_kv_cache")
             if cached is not None and cached[0] == key:
@@ -135,10 +132,7 @@ class PromptExpert(nn.Module):
         prompt = self.vectors.to(_input_dtype(attn.k_proj, dtype))
         # The projections' own forward (the quantized kernels of a 4-/8-bit base included), called directly:
         # forward() bypasses the module's hooks, so the k/v LoRA experts do not apply to the prompt.
-        keys = attn.k_proj.forward(prompt).unflatten(-1, (-1, head_dim))
-        values = attn.v_proj.forward(prompt).unflatten(-1, (-1, head_dim))
-        if getattr(attn, "k_norm", None) is not None:
-            keys = attn.k_norm(keys)
+        keys, values = attn.keys_values(prompt)  # [E*L, kv_heads, head_dim]
         groups = heads // keys.shape[1]
         keys = keys.repeat_interleave(groups, dim=1).permute(1, 2, 0)  # [heads, hd, E*L]
         values = values.repeat_interleave(groups, dim=1).permute(1, 0, 2).to(dtype)  # [heads, E*L, hd]
@@ -149,6 +143,11 @@ class PromptExpert(nn.Module):
         elif not torch.compiler.is_compiling():
             self.__dict__.pop("_kv_cache", None)
         return keys, values
+
+
+def _softcap(scores: torch.Tensor, cap: float | None) -> torch.Tensor:
+    """The family's attention-logit soft-cap (Gemma 2): cap * tanh(scores / cap)."""
+    return scores if cap is None else torch.tanh(scores / cap) * cap
 
 
 def _input_dtype(proj: nn.Module, fallback: torch.dtype) -> torch.dtype:
