@@ -15,11 +15,12 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
+from conftest import REPO, run_cli
 from moa_train.data import arithmetic, bigbench, load_splits, packaged
 from moa_train.data.answers import extract_label, extract_number
 from moa_train.errors import MoATrainError
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "data"
+CONFIGS = REPO / "configs" / "data"
 ARITH2 = ["arithmetic/2_digit_addition", "arithmetic/2_digit_subtraction"]
 ARITH_MIX = [
     f"arithmetic/{d}_digit_{op}" for d in (2, 3) for op in ("addition", "subtraction", "multiplication")
@@ -261,8 +262,6 @@ def test_bigbench_source_without_a_copy_says_which_key_to_set(tmp_path) -> None:
 @pytest.mark.parametrize("data", ["arith_mix", "commonsense_mix"])
 def test_tiny_run_trains_on_default_data_with_an_empty_cache(tmp_path, data) -> None:
     """`moa-train experiment=tiny data=<default data>` needs no download: only the tokenizer is cached."""
-    from conftest import run_cli
-
     cache = tmp_path / "cache"
     done = run_cli(
         "moa-train",
