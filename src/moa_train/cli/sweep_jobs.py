@@ -1,0 +1,172 @@
+"""One job of a ``moa-train -m`` sweep, whatever launches it (basic, joblib, submitit) or sweeps it (Optuna).
+
+**What a job returns.** Hydra hands the task function's return value to the sweeper. With
+``objective=<key>`` (``sweep=lr_search`` sets ``val/loss``) a job returns that key of its
+``summary.json`` as a float, which is what ``hydra/sweeper=optuna`` minimises; with ``objective=null``
+it returns the whole summary, as a single run does. An Optuna sweep without an objective is refused
+when its first job starts, before it trains (:func:`check_sweep`).
+
+**Re-entering a job folder.** A sweep job's folder is fixed by the sweep (``hydra.sweep.dir`` and
+``hydra.sweep.subdir``), so it may already hold a run: the same sweep started again with the same
+``hydra.sweep.dir`` (the leaderboard is continued that way), or a SLURM job that submitit requeued
+after a preemption or a time limit. If that run has the same config, a finished run is skipped (its
+summary is returned), a run with a complete checkpoint is resumed exactly from the newest one, and a
+run without any checkpoint starts again. A different config is refused: that folder belongs to
+another job.
+
+**Requeueing under submitit.** SLURM warns a job ``hydra.launcher.signal_delay_s`` seconds before its
+time limit with SIGUSR2 (submitit's signal). The training loop treats it like SIGTERM: it finishes the
+optimizer step, saves a checkpoint and stops; this module then hands the signal back to submitit,
+which requeues the same job, and the requeued job resumes from that checkpoint (see above).
+
+**Failures** are written to ``<job dir>/error.txt`` (one line) before they go back to Hydra, so that
+``summary.csv`` and ``moa-report`` name the reason whichever process ran the job.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from moa_train import rundir
+from moa_train.errors import MoATrainError, Preempted, one_line
+from moa_train.files import write_atomic
+
+log = logging.getLogger(__name__)
+
+ERROR_NAME = "error.txt"  # a failed job's reason, one line (moa-report and summary.csv show it)
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
+
+
+class ForeignRun(MoATrainError):
+    """The job's folder holds another job's run: refused, and that run is left exactly as it is."""
+
+
+def objective_value(cfg: DictConfig, summary: Any) -> Any:
+    """What the job returns to the sweeper: ``summary[objective]`` as a float, or the whole summary."""
+    key = cfg.get("objective")
+    if not key or not isinstance(summary, dict) or summary.get("status") == "dry_run":
+        return summary
+    value = summary.get(key)
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        numbers = sorted(
+            k for k, v in summary.items() if isinstance(v, int | float) and not isinstance(v, bool)
+        )
+        raise MoATrainError(
+            f"objective={key}: the job's summary.json has no number {key!r}; set objective= to one of "
+            f"{', '.join(numbers) or '(none)'}"
+        )
+    return float(value)
+
+
+def existing_run(cfg: DictConfig, run_dir: Path, config_text: str) -> dict[str, Any] | None:
+    """A sweep job whose folder already holds a run (see the module notes).
+
+    Returns the summary of a finished run (the job is skipped), or None after setting ``cfg.resume``
+    to the newest complete checkpoint (or leaving it unset: no checkpoint, the job starts again).
+    """
+    config_path = run_dir / rundir.CONFIG_NAME
+    try:
+        saved = config_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise MoATrainError(
+            f"{config_path} is unreadable ({exc}); remove {run_dir} to run the job again"
+        ) from None
+    changed = _changed_keys(saved, config_text)
+    if changed:
+        key, before, now = changed[0]
+        raise ForeignRun(
+            f"{run_dir} already holds a run with another config ({key}={now} here, {before} there); pass "
+            "hydra.sweep.dir=<new folder> (a sweep continues in its folders only with the same options)"
+        )
+    summary = rundir.read_summary(run_dir) if (run_dir / rundir.SUMMARY_NAME).is_file() else {}
+    final = run_dir / "final" / rundir.STATE_NAME
+    if summary.get("status") == "completed" and final.is_file():
+        log.info("%s: finished earlier (summary.json), skipped", run_dir)
+        return summary
+    checkpoint = rundir.latest_checkpoint(run_dir)
+    if checkpoint is not None:
+        log.info("%s: resuming from %s", run_dir, checkpoint)
+        OmegaConf.update(cfg, "resume", str(checkpoint), force_add=True)
+    else:
+        log.info("%s: no complete checkpoint, starting the job again", run_dir)
+    (run_dir / ERROR_NAME).unlink(missing_ok=True)
+    return None
+
+
+def record_failure(run_dir: Path, exc: BaseException) -> None:
+    """Leave the reason of a failed job in its folder (never raises)."""
+    if isinstance(exc, Preempted | ForeignRun):
+        return  # preempted: summary.json says so; foreign: the folder is another run's, left untouched
+    try:
+        if run_dir.is_dir():
+            write_atomic(run_dir / ERROR_NAME, f"error: {one_line(exc)} ({type(exc).__name__})\n")
+    except OSError:
+        pass
+
+
+def in_submitit_job() -> bool:
+    return "SUBMITIT_EXECUTOR" in os.environ
+
+
+def requeue_if_submitit(exc: Preempted) -> None:
+    """Under submitit, a job stopped by a signal (checkpoint saved) asks submitit to requeue it: its own
+    SIGUSR2 handler checkpoints the job's arguments, requeues it and exits; elsewhere this returns."""
+    if not in_submitit_job():
+        return
+    from submitit import JobEnvironment
+
+    sig = JobEnvironment._usr_sig()
+    handler = signal.getsignal(sig)
+    if not callable(handler):  # not inside submitit's job process after all
+        return
+    log.warning("%s; asking submitit to requeue the job", exc)
+    signal.raise_signal(sig)  # submitit requeues and exits here
+
+
+def check_sweep(cfg: DictConfig, hydra_cfg: Any) -> None:
+    """Refuse a job that its sweeper cannot use, before it trains (Hydra ignores errors raised by
+    callbacks, so the check runs at the start of each job: the first one stops an Optuna sweep)."""
+    target = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
+    if target.startswith(OPTUNA_SWEEPER) and not cfg.get("objective"):
+        raise MoATrainError(
+            "hydra/sweeper=optuna needs objective=<a summary.json key to minimise or maximise>, "
+            "e.g. objective=val/loss (or use sweep=lr_search, which sets it)"
+        )
+
+
+def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
+    """(key, saved value, current value) for every key both configs have with different values. A key
+    only one side has is not a change: a newer moa_train may add options (with defaults) between the
+    sessions of a long sweep, and the run continues."""
+    import yaml
+
+    def flat(text: str) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+
+        def walk(node: Any, prefix: str) -> None:
+            if isinstance(node, dict) and node:
+                for k, v in node.items():
+                    walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix[:-1]] = node
+
+        walk(yaml.safe_load(text) or {}, "")
+        return out
+
+    try:
+        before, now = flat(saved), flat(current)
+    except yaml.YAMLError as exc:
+        raise MoATrainError(
+            f"a job folder's config.yaml is not YAML ({exc}); remove the folder to run the job again"
+        ) from None
+    return [
+        (k, before[k], now[k])
+        for k in sorted(before.keys() & now.keys())
+        if k != "resume" and before[k] != now[k]
+    ]
