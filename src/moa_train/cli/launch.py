@@ -123,7 +123,7 @@ def join_run(cfg: Any, run_dir: Any, shared_dir: bool) -> dict[str, Any]:
     return read_summary(Path(run_dir))
 
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)  # USR2: SLURM via submitit
 # torch-elastic and Python tracebacks: kept in workers.log, not echoed
 NOISE = re.compile(
     r"^(Traceback|\s|[EWI]\d{4} |=+$|\[rank\d|Root Cause|Failures|torch\.distributed|\w[\w.]*(Error|Exception)\b)"

@@ -141,9 +141,9 @@ def check_sweep(cfg: DictConfig, hydra_cfg: Any) -> None:
 
 
 def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
-    """(key, saved value, current value) for every key both configs have with different values. A key
-    only one side has is not a change: a newer moa_train may add options (with defaults) between the
-    sessions of a long sweep, and the run continues."""
+    """(key, saved value, current value) for every key whose value differs. A key only one side has
+    counts only when it is switched on (not null, false, 0 or empty): a newer moa_train may add
+    options, off by default, between the sessions of a long sweep, and the run continues exactly."""
     import yaml
 
     def flat(text: str) -> dict[str, Any]:
@@ -165,8 +165,16 @@ def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
         raise MoATrainError(
             f"a job folder's config.yaml is not YAML ({exc}); remove the folder to run the job again"
         ) from None
-    return [
-        (k, before[k], now[k])
-        for k in sorted(before.keys() & now.keys())
-        if k != "resume" and before[k] != now[k]
-    ]
+    off = (None, False, 0, "", [], {})
+    changed = []
+    for key in sorted(before.keys() | now.keys()):
+        old, new = before.get(key), now.get(key)
+        if (
+            key == "resume"
+            or old == new
+            or (key not in before and new in off)
+            or (key not in now and old in off)
+        ):
+            continue
+        changed.append((key, old if key in before else "<unset>", new if key in now else "<unset>"))
+    return changed

@@ -18,6 +18,12 @@ dropped silently. A single mixed dataset (an embedded BIG-bench mix) is split in
 moa-eval evaluation of the base model in ``<sweep dir>/base_model/`` (or ``--base``) becomes the
 first row. Outputs (into the first sweep dir, or ``--out``): ``report.md``, ``report.csv`` (one row
 per method), ``report_jobs.csv`` (one row per job) and ``report.png``.
+
+Every launcher's and sweeper's folders read the same way: the basic and joblib launchers and Optuna
+leave numbered job folders, ``submitit_local`` / ``submitit_slurm`` add ``.submitit/<job id>/`` logs
+(the reason of a job killed from outside is read there), and for an Optuna sweep the report adds the
+trials (searched parameters, objective, status) and the best parameters of
+``optimization_results.yaml`` (``report_trials.csv``).
 """
 
 from __future__ import annotations
@@ -29,8 +35,19 @@ from moa_train.errors import ArgumentParser, entry_point
 from moa_train.report.jobs import BASE_LABEL, Job, ReportError, find_jobs, read_base, read_job, task_map_for
 from moa_train.report.methods import Method, group_methods, mean_std, method_labels
 from moa_train.report.render import Report, write_report
+from moa_train.report.sweeps import Study, read_study
 
-__all__ = ["Job", "Method", "Report", "ReportError", "build_report", "main", "mean_std", "write_report"]
+__all__ = [
+    "Job",
+    "Method",
+    "Report",
+    "ReportError",
+    "Study",
+    "build_report",
+    "main",
+    "mean_std",
+    "write_report",
+]
 
 
 def build_report(roots: list[Path], eval_name: str | None = None, base: Path | None = None) -> Report:
@@ -55,7 +72,8 @@ def build_report(roots: list[Path], eval_name: str | None = None, base: Path | N
         methods = [Method(BASE_LABEL, [base_job], datasets)] + [
             Method(m.label, m.jobs, datasets) for m in methods
         ]
-    return Report(roots, jobs, common, methods)
+    studies = [s for root in roots if (s := read_study(root, jobs)) is not None]
+    return Report(roots, jobs, common, methods, studies)
 
 
 @entry_point

@@ -9,10 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moa_train.report.sweeps import submitit_logs  # a job killed under submitit: its launcher's logs
+
 SUMMARY = "summary.json"
 PREDICTIONS = "final_eval_predictions.jsonl"
 SEED_KEYS = ("seed", "+seed", "++seed")
 MEMORY_KEY = re.compile(r"(peak|max).*mem|mem.*(peak|max)", re.IGNORECASE)
+TASK_SOURCES = ("arithmetic", "packaged", "bigbench")  # data sources whose records carry a task
 ERROR_LINE = re.compile(r"(error|exception|traceback|killed|out of memory)", re.IGNORECASE)
 
 
@@ -74,6 +77,7 @@ def _failure_reason(job_dir: Path, summary: dict[str, Any]) -> str:
         if summary.get(key):
             return " ".join(str(summary[key]).split())[:300]
     candidates = [job_dir / "error.txt", *sorted(job_dir.glob("*.log")), *sorted(job_dir.glob("*.err"))]
+    candidates += submitit_logs(job_dir)
     for path in candidates:
         if not path.is_file():
             continue
@@ -171,7 +175,11 @@ def task_map_for(job_dirs: list[Path]) -> dict[str, str]:
             data = OmegaConf.to_container(OmegaConf.load(config).get("data"), resolve=True)
         except Exception:  # noqa: BLE001 - unreadable or unresolvable: no task breakdown
             continue
-        if not isinstance(data, dict) or data.get("source") != "bigbench" or len(data.get("tasks") or []) < 2:
+        if (
+            not isinstance(data, dict)
+            or data.get("source") not in TASK_SOURCES
+            or len(data.get("tasks") or []) < 2
+        ):
             continue
         key = json.dumps(data, sort_keys=True, default=str)
         if key in seen:

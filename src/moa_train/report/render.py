@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from moa_train.report.jobs import BASE_LABEL, Job
 from moa_train.report.methods import Method, _is_number, _peak_memory_mb, mean_std
+from moa_train.report.sweeps import Study
 
 
 def _pct(mean: float | None, std: float | None) -> str:
@@ -27,6 +28,7 @@ class Report:
     jobs: list[Job]
     common: list[str]
     methods: list[Method]
+    studies: list[Study] = field(default_factory=list)  # Optuna sweeps among the folders
 
     @property
     def datasets(self) -> list[str]:
@@ -79,6 +81,8 @@ class Report:
         sources = sorted({j.eval_source for j in self.jobs if j.eval_source})
         if sources:
             text += ["", "Accuracy source: " + ", ".join(f"`{s}`" for s in sources) + "."]
+        for study in self.studies:
+            text += ["", *study.markdown()]
         bad = [j for j in self.jobs if not j.ok]
         text += ["", f"## Failed or incomplete jobs ({len(bad)})", ""]
         if bad:
@@ -224,6 +228,9 @@ def write_report(report: Report, out_dir: Path, plot: bool = True) -> dict[str, 
     paths["markdown"].write_text(report.markdown(), encoding="utf-8")
     _write_csv(paths["csv"], report.method_rows())
     _write_csv(paths["jobs_csv"], report.job_rows())
+    if report.studies:
+        paths["trials_csv"] = out_dir / "report_trials.csv"
+        _write_csv(paths["trials_csv"], [row for s in report.studies for row in s.rows()])
     if plot:
         png = report.plot(out_dir / "report.png")
         if png is not None:

@@ -1,4 +1,7 @@
-"""Preemption: SIGTERM, SIGINT and SIGUSR1 stop training at the end of the current optimizer step.
+"""Preemption: SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 stop training at the end of the current optimizer step.
+
+SIGUSR2 is what SLURM sends through submitit before a job's time limit (``hydra/launcher=slurm``); after
+the checkpoint the sweep job hands it back to submitit, which requeues the job (``moa_train.cli.sweep_jobs``).
 
 The handler only records the signal; the training loop asks :meth:`StopSignal.requested` after each
 optimizer step, saves a checkpoint and raises :class:`moa_train.errors.Preempted` (exit status
@@ -18,7 +21,7 @@ import torch
 
 log = logging.getLogger(__name__)
 
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1, signal.SIGUSR2)
 
 
 class StopSignal:

@@ -1,0 +1,393 @@
+"""The method leaderboard page (docs/leaderboard.md) from the jobs of ``moa-train sweep=leaderboard``.
+
+Two steps, so that a leaderboard can grow over several sessions:
+
+``collect SWEEP_DIR [--base DIR]``
+    one small JSON record per finished (or failed) job of the sweep folder into ``--into``
+    (default ``docs/leaderboard/results``): method, learning rate, seed, the validation loss, the
+    held-out accuracy per task, throughput, the budget. Jobs still running are left out. Records are
+    meant to be committed; collecting again replaces a job's record.
+``page``
+    rebuilds ``--out`` (default ``docs/leaderboard.md``) from every record found, whatever finished.
+
+Statistics (per method): the learning rate is the one with the lowest mean validation loss over its
+seeds (the same grid for every method; the held-out items are never used to choose it); at that rate,
+the held-out accuracy (unweighted mean over the tasks) is given as mean ± sample std over the seeds
+and a 95% interval for the mean (Student t, n-1 degrees of freedom). A method is "within noise" of the
+best one when Welch's t-test over the seeds does not separate them at the 5% level.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from moa_train.report.jobs import ReportError, find_jobs, read_base, read_job, task_map_for
+
+RESULTS = Path("docs/leaderboard/results")
+PAGE = Path("docs/leaderboard.md")
+SWEEP_KEYS = ("experiment", "optimizer.lr", "seed")
+BUDGET_KEYS = {  # config path -> shown as
+    "model.name": "model",
+    "data.name": "data",
+    "trainer.max_steps": "steps",
+    "trainer.effective_batch_size": "batch",
+    "trainer.precision": "precision",
+    "final_eval.max_records": "eval records",
+}
+SUMMARY_KEYS = (
+    "step",
+    "train/loss",
+    "train/tokens_per_s",
+    "train_seconds",
+    "trainable_params",
+    "peak_memory_mb",
+)
+NAMES = {  # experiment preset suffix -> method name
+    "soft": "Soft MoA", "sparse": "Sparse MoA", "lora": "LoRA (r16)", "molora": "MoLoRA",
+    "hydralora": "HydraLoRA", "topk": "Top-K MoE-LoRA", "adamole": "AdaMoLE", "mixlora": "MixLoRA",
+    "mola": "MoLA", "dynmole": "DynMoLE", "loramoe": "LoRAMoE", "moslora": "MoSLoRA", "naive": "naive composition",
+}  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------------
+# collect
+# ---------------------------------------------------------------------------------------------------
+
+
+def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> list[Path]:
+    """Write one record per finished or failed job of ``sweep_dir`` (and the base model) into ``into``."""
+    job_dirs = find_jobs(sweep_dir)
+    task_map = task_map_for(job_dirs)
+    into.mkdir(parents=True, exist_ok=True)
+    written = []
+    for job_dir in job_dirs:
+        job = read_job(job_dir, sweep_dir, None, task_map)
+        if job.status == "incomplete" and not (job_dir / "error.txt").is_file():
+            continue  # still running (or killed without a word): not a result yet
+        values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in job.overrides if "=" in o}
+        config = _config(job_dir)
+        objective = str(_select(config, "objective") or "val/loss")
+        record = {
+            "job": job.name,
+            "experiment": values.get("experiment") or _select(config, "name"),
+            "lr": values.get("optimizer.lr") or _select(config, "optimizer.lr"),
+            "seed": job.seed,
+            "status": "completed" if job.ok else job.status,
+            "reason": job.reason,
+            "objective": objective,
+            "val_loss": _number(job.summary.get(objective)),
+            "accuracy": job.datasets,
+            "eval_records": job.n_eval,
+            "summary": {k: job.summary[k] for k in SUMMARY_KEYS if k in job.summary},
+            "budget": {name: _select(config, key) for key, name in BUDGET_KEYS.items()},
+            "overrides": job.overrides,
+        }
+        path = into / (_safe(job.name) + ".json")
+        path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(path)
+    base = base if base is not None else sweep_dir / "base_model"
+    base_job = read_base(base, task_map)
+    if base_job is not None:
+        record = {
+            "job": "base_model",
+            "status": "completed",
+            "accuracy": base_job.datasets,
+            "eval_records": base_job.n_eval,
+        }
+        path = into / "base_model.json"
+        path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        written.append(path)
+    return written
+
+
+def _config(job_dir: Path) -> Any:
+    from omegaconf import OmegaConf
+
+    for path in (job_dir / ".hydra" / "config.yaml", job_dir / "config.yaml"):
+        if path.is_file():
+            try:
+                return OmegaConf.load(path)
+            except Exception:  # noqa: BLE001 - damaged: the record lacks the budget
+                return None
+    return None
+
+
+def _select(config: Any, key: str) -> Any:
+    from omegaconf import OmegaConf
+
+    if config is None:
+        return None
+    try:
+        value = OmegaConf.select(config, key, default=None)
+    except Exception:  # noqa: BLE001 - an interpolation that does not resolve outside the job
+        value = OmegaConf.select(config, key, default=None, throw_on_resolution_failure=False)
+    return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in name)
+
+
+# ---------------------------------------------------------------------------------------------------
+# statistics
+# ---------------------------------------------------------------------------------------------------
+
+
+def interval95(values: list[float]) -> tuple[float, float] | None:
+    """95% confidence interval of the mean (Student t with n-1 degrees of freedom); None below 2 values."""
+    if len(values) < 2:
+        return None
+    from scipy import stats
+
+    mean = statistics.fmean(values)
+    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
+    return mean - half, mean + half
+
+
+def welch_p(a: list[float], b: list[float]) -> float | None:
+    """Two-sided p-value of Welch's t-test (None when either side has fewer than 2 values)."""
+    if len(a) < 2 or len(b) < 2:
+        return None
+    if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
+        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
+    import warnings
+
+    from scipy import stats
+
+    with warnings.catch_warnings():  # near-identical seeds: scipy warns about precision, the p is still right
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
+
+
+@dataclass
+class Entry:
+    """One method at its chosen learning rate."""
+
+    experiment: str
+    lr: str | None
+    lr_note: str
+    val_by_lr: dict[str, tuple[float | None, int]]  # lr -> (mean validation loss, seeds)
+    runs: list[dict[str, Any]]  # completed records at the chosen lr
+
+    @property
+    def name(self) -> str:
+        return NAMES.get(self.experiment.split("_", 1)[-1], self.experiment)
+
+    @property
+    def scores(self) -> list[float]:
+        return [statistics.fmean(r["accuracy"].values()) for r in self.runs if r["accuracy"]]
+
+    def task(self, task: str) -> list[float]:
+        return [r["accuracy"][task] for r in self.runs if task in r["accuracy"]]
+
+
+def choose(records: list[dict[str, Any]]) -> list[Entry]:
+    """Per method: the learning rate with the lowest mean validation loss, and its completed runs."""
+    by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        if r.get("job") == "base_model" or r.get("status") != "completed":
+            continue
+        by_method.setdefault(str(r["experiment"]), {}).setdefault(str(r["lr"]), []).append(r)
+    entries = []
+    for experiment, by_lr in by_method.items():
+        val = {}
+        for lr, runs in by_lr.items():
+            losses = [r["val_loss"] for r in runs if r.get("val_loss") is not None]
+            val[lr] = (statistics.fmean(losses) if losses else None, len(runs))
+        scored = {lr: v for lr, (v, _) in val.items() if v is not None}
+        if scored:
+            lr = min(scored, key=lambda k: scored[k])
+            note = "lowest validation loss" if len(by_lr) > 1 else "only rate run (no search)"
+        else:
+            lr = max(by_lr, key=lambda k: len(by_lr[k]))
+            note = "no validation loss recorded: rate not chosen on validation"
+        entries.append(Entry(experiment, lr, note, val, by_lr[lr]))
+    entries.sort(key=lambda e: -(statistics.fmean(e.scores) if e.scores else -1.0))
+    return entries
+
+
+# ---------------------------------------------------------------------------------------------------
+# page
+# ---------------------------------------------------------------------------------------------------
+
+
+def load_records(results: Path) -> list[dict[str, Any]]:
+    if not results.is_dir():
+        raise ReportError(f"{results} is not a folder; run `collect <sweep dir>` first")
+    records = []
+    for path in sorted(results.glob("*.json")):
+        try:
+            records.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise ReportError(
+                f"{path} is not a readable record ({exc}); delete it and collect again"
+            ) from None
+    return records
+
+
+def _pct(values: list[float]) -> str:
+    if not values:
+        return "–"
+    mean = 100 * statistics.fmean(values)
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
+
+
+def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
+    entries = choose(records)
+    base = next((r for r in records if r.get("job") == "base_model"), None)
+    tasks = sorted({t for r in records for t in (r.get("accuracy") or {})})
+    runs = [r for r in records if r.get("job") != "base_model"]
+    done = [r for r in runs if r.get("status") == "completed"]
+    budgets = sorted({json.dumps(r.get("budget") or {}, sort_keys=True) for r in done})
+    lines = [intro.rstrip(), ""] if intro else []
+    lines += [f"## Results ({datetime.now(timezone.utc):%Y-%m-%d}, rebuilt from {len(runs)} job records)", ""]
+    if not runs:
+        return "\n".join([*lines, "No job of this leaderboard has finished yet.", ""])
+    lines.append(f"**What ran:** {len(done)} completed jobs, {len(runs) - len(done)} failed; "
+                 f"{len(entries)} methods; learning rates tried: "
+                 f"{', '.join(sorted({str(r['lr']) for r in done}, key=float)) or 'none'}; seeds: "
+                 f"{', '.join(sorted({str(r['seed']) for r in done})) or 'none'}.")  # fmt: skip
+    for b in budgets:
+        lines.append(
+            "**Budget:** "
+            + ", ".join(f"{k} {v if v is not None else 'all'}" for k, v in json.loads(b).items())
+            + "."
+        )
+    best = entries[0] if entries else None
+    head = [
+        "method",
+        "lr (how chosen)",
+        "seeds",
+        "mean acc %",
+        "95% interval",
+        *tasks,
+        "vs best (Welch p)",
+        "s/step",
+    ]
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
+    if base is not None:
+        acc = list(base["accuracy"].values())
+        cells = ["base model (no adapters)", "–", "–", f"{100 * statistics.fmean(acc):.1f}", "–"]
+        cells += [_pct([base["accuracy"][t]]) if t in base["accuracy"] else "–" for t in tasks] + ["–", "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    for e in entries:
+        ci = interval95(e.scores)
+        p = welch_p(e.scores, best.scores) if best is not None and e is not best else None
+        noise = (
+            "best"
+            if e is best
+            else ("n/a (< 2 seeds)" if p is None else f"{p:.2f}" + (" (within noise)" if p >= 0.05 else ""))
+        )
+        secs = [
+            r["summary"]["train_seconds"] / r["summary"]["step"] for r in e.runs if r["summary"].get("step")
+        ]
+        cells = [
+            f"{e.name} (`{e.experiment}`)",
+            f"{e.lr} ({e.lr_note})",
+            str(len(e.scores)),
+            f"**{_pct(e.scores)}**",
+            f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "–",
+            *[_pct(e.task(t)) for t in tasks],
+            noise,
+            f"{statistics.fmean(secs):.1f}" if secs else "–",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        *_noise_summary(entries),
+        "",
+        "### Learning-rate choice (mean validation loss over seeds)",
+        "",
+    ]
+    lrs = sorted({lr for e in entries for lr in e.val_by_lr}, key=float)
+    lines += ["| method | " + " | ".join(lrs) + " |", "|---|" + "---:|" * len(lrs)]
+    for e in entries:
+        cells = []
+        for lr in lrs:
+            v, n = e.val_by_lr.get(lr, (None, 0))
+            text = "–" if not n else (f"{v:.4f} ({n})" if v is not None else f"n/a ({n})")
+            cells.append(f"**{text}**" if lr == e.lr else text)
+        lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
+    failed = [r for r in runs if r.get("status") != "completed"]
+    lines += ["", f"### Failed jobs ({len(failed)})", ""]
+    lines += [
+        f"- `{r['job']}`: {r.get('status')}: {r.get('reason') or 'no reason recorded'}" for r in failed
+    ] or ["none"]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def _noise_summary(entries: list[Entry]) -> list[str]:
+    if len(entries) < 2:
+        return ["One method only: nothing to compare."]
+    best = entries[0]
+    tied = [e.name for e in entries[1:] if (p := welch_p(e.scores, best.scores)) is not None and p >= 0.05]
+    apart = [e.name for e in entries[1:] if (p := welch_p(e.scores, best.scores)) is not None and p < 0.05]
+    text = [f"Best mean accuracy: **{best.name}**."]
+    text.append(
+        f"Within noise of it (Welch's t-test over seeds, p ≥ 0.05): {', '.join(tied) or 'none'}; "
+        f"separated from it (p < 0.05): {', '.join(apart) or 'none'}. With 3 seeds the test has little power: "
+        '"within noise" means the seeds cannot tell the methods apart, not that they are equal.'
+    )
+    return [" ".join(text)]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m moa_train.report.leaderboard", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("collect", help="record the finished jobs of a sweep folder")
+    c.add_argument("sweep_dir", type=Path)
+    c.add_argument("--into", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
+    c.add_argument(
+        "--base",
+        type=Path,
+        default=None,
+        help="moa-eval folder of the base model (default <sweep>/base_model)",
+    )
+    p = sub.add_parser("page", help="rebuild the leaderboard page from the records")
+    p.add_argument("--results", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
+    p.add_argument("--out", type=Path, default=PAGE, help=f"the page (default {PAGE})")
+    p.add_argument(
+        "--intro",
+        type=Path,
+        default=None,
+        help="markdown put above the results (default: the page's own text above '## Results')",
+    )
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "collect":
+            written = collect(args.sweep_dir, args.into, args.base)
+            print(f"{len(written)} records written to {args.into}")
+            return
+        intro = args.intro.read_text(encoding="utf-8") if args.intro else _own_intro(args.out)
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(build_page(load_records(args.results), intro), encoding="utf-8")
+        print(f"written: {args.out}")
+    except ReportError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+
+
+def _own_intro(page: Path) -> str:
+    """The hand-written part of an existing page: everything above its generated results."""
+    if not page.is_file():
+        return ""
+    return page.read_text(encoding="utf-8").split("\n## Results (")[0]
+
+
+if __name__ == "__main__":
+    main()

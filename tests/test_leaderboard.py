@@ -1,0 +1,136 @@
+"""The leaderboard page: records from a sweep folder, the lr chosen on validation, mean ± std, 95% interval,
+which differences are within noise; the documented sweep is a Hydra multirun config, not a shell loop."""
+
+from __future__ import annotations
+
+import json
+import math
+import statistics
+from pathlib import Path
+
+import pytest
+
+from moa_train.report import leaderboard as lb
+
+TASKS = ("2_digit_addition", "3_digit_addition")
+
+
+def _record(experiment: str, lr: str, seed: int, acc: tuple[float, float], val: float | None) -> dict:
+    return {
+        "job": f"experiment={experiment},optimizer.lr={lr},seed={seed}", "experiment": experiment, "lr": lr,
+        "seed": str(seed), "status": "completed", "reason": "", "objective": "val/loss", "val_loss": val,
+        "accuracy": dict(zip(TASKS, acc)), "eval_records": 200,
+        "summary": {"step": 64, "train_seconds": 128.0}, "budget": {"steps": 64, "batch": 16}, "overrides": [],
+    }  # fmt: skip
+
+
+def test_interval_and_welch_match_textbook_values() -> None:
+    low, high = lb.interval95([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.303
+    assert (high - low) / 2 == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
+    assert lb.interval95([0.5]) is None
+    # Welch on (1,2,3) vs (4,5,6): t = -3 / sqrt(2/3), 4 degrees of freedom -> p = 0.0213
+    assert lb.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.0213, abs=5e-4)
+    assert lb.welch_p([0.2, 0.2], [0.2, 0.2]) == 1.0 and lb.welch_p([0.1], [0.2, 0.3]) is None
+
+
+def test_the_learning_rate_is_chosen_on_validation_not_on_the_held_out_items() -> None:
+    records = []
+    for seed in (0, 1, 2):
+        # lr 1e-3 scores higher on the held-out items, but 3e-4 has the lower validation loss
+        records.append(_record("math_lora", "1e-3", seed, (0.9, 0.9), 1.5 + seed / 100))
+        records.append(_record("math_lora", "3e-4", seed, (0.3 + seed / 100, 0.4), 1.2 + seed / 100))
+    (entry,) = lb.choose(records)
+    assert entry.lr == "3e-4" and entry.lr_note == "lowest validation loss"
+    assert entry.scores == pytest.approx([statistics.fmean((0.3 + s / 100, 0.4)) for s in (0, 1, 2)])
+    assert entry.val_by_lr["1e-3"] == (pytest.approx(1.51), 3)
+
+
+def test_page_reports_mean_std_interval_and_noise() -> None:
+    records = [
+        _record("math_soft", "3e-4", s, (0.50 + d, 0.50 - d), 1.0) for s, d in enumerate((0.0, 0.01, 0.02))
+    ]
+    records += [
+        _record("math_lora", "3e-4", s, (0.49 + d, 0.49), 1.0) for s, d in enumerate((0.0, 0.02, 0.01))
+    ]
+    records += [
+        _record("math_naive", "3e-4", s, (0.10 + d, 0.10), 1.0) for s, d in enumerate((0.0, 0.01, 0.02))
+    ]
+    records.append({"job": "broken", "experiment": "math_mola", "lr": "3e-4", "seed": "0", "status": "failed",
+                    "reason": "error: out of memory", "accuracy": {}, "summary": {}})  # fmt: skip
+    records.append({"job": "base_model", "status": "completed", "accuracy": dict(zip(TASKS, (0.0, 0.1)))})
+    page = lb.build_page(records, intro="# Method leaderboard\n")
+    rows = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines() if line.startswith("| ")}
+    soft = rows["Soft MoA (`math_soft`)"]
+    assert "**50.0 ± 0.0**" in soft and "| best |" in soft  # task errors cancel in the mean: std 0
+    lora = rows["LoRA (r16) (`math_lora`)"]
+    scores = [statistics.fmean((0.49 + d, 0.49)) for d in (0.0, 0.02, 0.01)]
+    assert f"**{100 * statistics.fmean(scores):.1f} ± {100 * statistics.stdev(scores):.1f}**" in lora
+    low, high = lb.interval95(scores)
+    assert f"[{100 * low:.1f}, {100 * high:.1f}]" in lora
+    assert "(within noise)" in lora and "(within noise)" not in rows["naive composition (`math_naive`)"]
+    assert "Within noise of it" in page and "LoRA (r16)" in page.split("Within noise of it")[1].split(";")[0]
+    assert rows["base model (no adapters)"].split(" | ")[3] == "5.0"
+    assert "3 completed jobs" not in page and "9 completed jobs, 1 failed" in page
+    assert "`broken`: failed: error: out of memory" in page
+
+
+def test_collect_records_finished_and_failed_jobs_and_skips_running_ones(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    jobs = {
+        "experiment=math_lora,optimizer.lr=0.0003,seed=0": {"status": "completed", "train/loss": 1.0,
+                                                            "val/loss": 1.25, "step": 64, "train_seconds": 64.0},
+        "experiment=math_lora,optimizer.lr=0.0003,seed=1": None,  # still running
+        "experiment=math_soft,optimizer.lr=0.0003,seed=0": "failed",
+    }  # fmt: skip
+    for name, summary in jobs.items():
+        job = sweep / name
+        (job / ".hydra").mkdir(parents=True)
+        overrides = ["model=smollm2_135m", *name.split(",")]
+        (job / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        (job / ".hydra" / "config.yaml").write_text("objective: val/loss\ntrainer:\n  max_steps: 64\n")
+        if isinstance(summary, dict):
+            (job / "summary.json").write_text(json.dumps(summary))
+            preds = [{"dataset": "arith", "correct": i < 3} for i in range(4)]
+            (job / "final_eval_predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        elif summary == "failed":
+            (job / "error.txt").write_text("error: data.max_len=1 is too short\n")
+    out = tmp_path / "records"
+    written = lb.collect(sweep, out)
+    assert len(written) == 2
+    done = json.loads((out / "experiment=math_lora,optimizer.lr=0.0003,seed=0.json").read_text())
+    assert (done["status"], done["val_loss"], done["accuracy"], done["lr"]) == (
+        "completed",
+        1.25,
+        {"arith": 0.75},
+        "0.0003",
+    )
+    assert done["budget"]["steps"] == 64
+    failed = json.loads((out / "experiment=math_soft,optimizer.lr=0.0003,seed=0.json").read_text())
+    assert failed["status"] != "completed" and "data.max_len=1" in failed["reason"]
+    page = lb.build_page(lb.load_records(out))
+    assert "lr not chosen" not in page and "only rate run (no search)" in page
+
+
+def test_page_command_rebuilds_from_records_and_keeps_the_intro(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "records"
+    out.mkdir()
+    for s in (0, 1, 2):
+        (out / f"r{s}.json").write_text(
+            json.dumps(_record("math_soft", "3e-4", s, (0.5, 0.4 + s / 10), None))
+        )
+    page = tmp_path / "leaderboard.md"
+    page.write_text("# Method leaderboard\n\nHand-written intro.\n\n## Results (old)\nstale\n")
+    lb.main(["page", "--results", str(out), "--out", str(page)])
+    text = page.read_text()
+    assert text.startswith("# Method leaderboard\n\nHand-written intro.") and "stale" not in text
+    assert "no validation loss recorded: rate not chosen on validation" in text
+    with pytest.raises(SystemExit) as exc:
+        lb.main(["page", "--results", str(tmp_path / "missing"), "--out", str(page)])
+    assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ")
+
+
+def test_the_leaderboard_is_a_multirun_config_not_a_shell_loop() -> None:
+    repo = Path(__file__).resolve().parents[1]
+    assert not (repo / "scripts" / "leaderboard.sh").exists()
+    config = (repo / "configs" / "sweep" / "leaderboard.yaml").read_text()
+    assert "mode: MULTIRUN" in config and "seed: ${seed}" in config
