@@ -47,6 +47,23 @@ def write_atomic(path: Path, text: str) -> None:
         os.replace(tmp, path)
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """For writers that need a file name (safetensors, matplotlib): a unique temp path beside ``path``,
+    flushed to disk and renamed over ``path`` when the block succeeds, removed when it fails."""
+    tmp = Path(path).with_name(f".{Path(path).name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json_synced(path: Path, data: Any) -> None:
     """``data`` as indented JSON, flushed to disk; for files inside a folder that is itself renamed into
     place when complete (a checkpoint), where a per-file rename would add nothing."""

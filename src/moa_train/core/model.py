@@ -20,18 +20,12 @@ from moa_train.core.inject import find_decoder_layers, inject, restore_attention
 from moa_train.core.layer import MoALayer, MoAState
 from moa_train.core.telemetry import summarize
 from moa_train.errors import MoATrainError
-from moa_train.files import read_json, read_tensors
+from moa_train.files import atomic_path, read_json, read_tensors, write_atomic
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
 ADAPTER_TAG = ".moa."  # every adapter / router parameter lives under <decoder layer>.moa.
-
-
-def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    write(tmp)
-    os.replace(tmp, path)
 
 
 def parameter_type(name: str) -> str:
@@ -283,12 +277,9 @@ class MoAModel(nn.Module):
             "moa_config": self.moa_config.to_dict(),
             **(extra_config or {}),
         }
-        _atomic_write(
-            path / WEIGHTS_NAME, lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt"})
-        )
-        _atomic_write(
-            path / CONFIG_NAME, lambda tmp: tmp.write_text(json.dumps(config, indent=2, default=str))
-        )
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(tensors, str(tmp), metadata={"format": "pt"})
+        write_atomic(path / CONFIG_NAME, json.dumps(config, indent=2, default=str))
 
     @staticmethod
     def read_config(directory: str | os.PathLike) -> dict[str, Any]:

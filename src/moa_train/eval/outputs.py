@@ -6,13 +6,15 @@ import datetime as _dt
 import json
 import logging
 import math
-import os
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+
+from moa_train.files import write_atomic
+from moa_train.tracking import start_wandb, wandb_mode
 
 log = logging.getLogger(__name__)
 
@@ -23,9 +25,7 @@ def _safe_name(name: str) -> str:
 
 def write_json(path: Path, data: Any) -> None:
     """Atomic JSON write (a crash never leaves a truncated results file); NaN/inf become null."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    write_atomic(path, json.dumps(_json_safe(data), indent=2, ensure_ascii=False) + "\n")
 
 
 def _json_safe(value: Any) -> Any:
@@ -41,11 +41,7 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_predictions(path: Path, predictions: Sequence[Mapping[str, Any]]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        for row in predictions:
-            fh.write(json.dumps(_json_safe(dict(row)), ensure_ascii=False) + "\n")
-    os.replace(tmp, path)
+    write_atomic(path, "".join(json.dumps(_json_safe(dict(row)), ensure_ascii=False) + "\n" for row in predictions))
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
@@ -96,20 +92,17 @@ def log_to_wandb(
     if not logger_cfg or not logger_cfg.get("wandb"):
         return None
     try:
-        import wandb
+        import wandb  # deferred: only a W&B evaluation needs it
 
-        mode = logger_cfg.get("mode") or os.environ.get("WANDB_MODE") or "offline"
         wanted = logger_cfg.get("run_id")
         resume_id = run_id if wanted in (None, "auto") else str(wanted)
-        run = wandb.init(
-            project=logger_cfg.get("project") or "moa_train",
+        run = start_wandb(
+            mode=logger_cfg.get("mode"),
+            run_id=resume_id,
+            project=logger_cfg.get("project"),
             entity=logger_cfg.get("entity"),
-            id=resume_id,
-            resume="allow" if resume_id else None,
             job_type="eval",
-            mode=mode,
             dir=str(logger_cfg.get("dir") or out_dir),
-            settings=wandb.Settings(init_timeout=float(logger_cfg.get("init_timeout") or 60)),
         )
         prefix = f"eval/{results.get('eval', 'eval')}"
         table = wandb.Table(columns=["dataset", "n", "accuracy"])
@@ -154,13 +147,10 @@ def wandb_settings(cfg: DictConfig) -> dict[str, Any] | None:
     logger_cfg = cfg.get("logger") or {}
     if logger_cfg.get("name") != "wandb":
         return None
-    mode = logger_cfg.get("mode") or "auto"
-    if mode == "auto":
-        mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
     return {
         "wandb": True,
         "project": logger_cfg.get("project"),
         "entity": logger_cfg.get("entity"),
-        "mode": mode,
+        "mode": wandb_mode(logger_cfg.get("mode")),
         "run_id": cfg.get("wandb_run", "auto"),
     }

@@ -12,6 +12,8 @@ matplotlib.use("Agg")  # headless: never needs a display, safe in CI and on clus
 
 import matplotlib.pyplot as plt  # noqa: E402  (must follow the backend choice)
 
+from moa_train.files import atomic_path  # noqa: E402
+
 
 def save_heatmap(
     matrix: Sequence[Sequence[float]],
@@ -51,9 +53,8 @@ def save_heatmap(
             ax.set_title(title)
         fig.colorbar(image, ax=ax, label=label)
         fig.tight_layout()
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # unique per process
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
     return path

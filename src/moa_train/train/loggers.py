@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from moa_train.errors import MoATrainError
+from moa_train.tracking import WANDB_INIT_TIMEOUT, start_wandb  # noqa: F401 (WANDB_INIT_TIMEOUT re-exported)
 
 log = logging.getLogger(__name__)
 
-WANDB_INIT_TIMEOUT = 15  # seconds before an online W&B start gives up (wandb's own default is 90)
 
 
 class Backend:
@@ -45,31 +45,20 @@ class WandbBackend(Backend):
     name = "wandb"
 
     def __init__(self, cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str | None) -> None:
-        import wandb
+        import wandb  # deferred: only logger=wandb needs it
 
-        mode = _wandb_mode(str(cfg.get("mode", "auto")))
         self._wandb = wandb
-        kwargs = dict(
-            project=cfg.get("project") or "moa_train",
+        self.run = start_wandb(
+            mode=str(cfg.get("mode", "auto")),
+            run_id=resume_id,
+            project=cfg.get("project"),
             entity=cfg.get("entity"),
             group=cfg.get("group"),
             tags=list(cfg.get("tags") or []),
             name=run_dir.name,
             dir=str(run_dir),
             config=config,
-            id=resume_id,
-            resume="allow" if resume_id else None,
         )
-        if mode == "online":  # a bad key or no network: give up after WANDB_INIT_TIMEOUT s, then go offline
-            kwargs["settings"] = wandb.Settings(init_timeout=WANDB_INIT_TIMEOUT)
-        try:
-            self.run = wandb.init(mode=mode, **kwargs)
-        except Exception as exc:  # no network, bad key, server down: keep the metrics locally
-            if mode == "offline":
-                raise
-            log.warning("wandb init failed (%s); logging offline to %s/wandb", exc, run_dir)
-            kwargs.pop("settings", None)
-            self.run = wandb.init(mode="offline", **kwargs)
         self.id = getattr(self.run, "id", None)
 
     def log(self, metrics: dict[str, float], step: int) -> None:
@@ -80,23 +69,6 @@ class WandbBackend(Backend):
 
     def close(self) -> None:
         self.run.finish()
-
-
-def _wandb_mode(mode: str) -> str:
-    """``auto``: WANDB_MODE if set, online with an API key (env or ~/.netrc), else offline."""
-    if mode != "auto":
-        return mode
-    if os.environ.get("WANDB_MODE"):
-        return os.environ["WANDB_MODE"]
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if "api.wandb.ai" in netrc.read_text():
-            return "online"
-    except OSError:
-        pass
-    return "offline"
 
 
 class TensorBoardBackend(Backend):
