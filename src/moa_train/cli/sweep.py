@@ -14,7 +14,6 @@ from __future__ import annotations
 import csv
 import json
 import logging
-import statistics
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from moa_train.report.methods import mean_std
 from moa_train.rundir import SUMMARY_NAME
 
 log = logging.getLogger(__name__)
@@ -92,8 +92,7 @@ def method_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         numeric = sorted({k for r in done for k, v in r.items() if _is_number(v) and k != "job"})
         for name in numeric:
             values = [float(r[name]) for r in done if _is_number(r.get(name))]
-            method[f"{name}_mean"] = statistics.fmean(values)
-            method[f"{name}_std"] = statistics.stdev(values) if len(values) > 1 else None
+            method[f"{name}_mean"], method[f"{name}_std"] = mean_std(values)  # the report's own statistic
         methods.append(method)
     return methods
 
