@@ -14,7 +14,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from omegaconf import OmegaConf
 
 sys.path.insert(0, str(Path(__file__).parent))
 
@@ -53,10 +52,7 @@ def main(out: Path, family: str, name: str) -> None:
     expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad and p.grad is not None}
 
     model = build(family, name)
-    cfg = OmegaConf.create(
-        {"launcher": {"name": "fsdp", "rank0_loading": True}, "model": {"quantization": None}}
-    )
-    shard_model(model, torch.device("cpu"), cfg)
+    shard_model(model, torch.device("cpu"), from_rank0=True)
     loss_of(model, batch[rank : rank + 1], world / targets).backward()  # FSDP averages over ranks
     gaps = []
     for pname, param in model.named_parameters():

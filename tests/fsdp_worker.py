@@ -69,10 +69,7 @@ def main(out: Path) -> None:
     expected = {n: p.grad for n, p in reference.named_parameters() if p.requires_grad and p.grad is not None}
 
     model = build()
-    cfg = OmegaConf.create(
-        {"launcher": {"name": "fsdp", "rank0_loading": True}, "model": {"quantization": None}}
-    )
-    shard_model(model, torch.device("cpu"), cfg)
+    shard_model(model, torch.device("cpu"), from_rank0=True)
     with model.capture_gates() as gates:
         loss = loss_of(model, halves[rank], targets, world)
     loss.backward()

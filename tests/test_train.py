@@ -196,7 +196,12 @@ class _FakeModel:
 def test_dead_expert_warning_after_n_quiet_intervals(tmp_path: Path, caplog) -> None:
     cfg = compose_config(TINY + ["trainer.dead_expert_intervals=3", "trainer.heatmap_every_steps=2"])
     logger = RunLogger(Backend(), tmp_path)
-    telemetry, model = RouterLog(cfg, tmp_path, logger), _FakeModel()
+    tc = cfg.trainer
+    telemetry = RouterLog(
+        tmp_path, logger, heatmap_every=tc.heatmap_every_steps, dead_threshold=tc.dead_expert_threshold,
+        dead_intervals=tc.dead_expert_intervals,
+    )  # fmt: skip
+    model = _FakeModel()
     with caplog.at_level(logging.WARNING, logger="moa_train.train.recipe"):
         for step in (1, 2):
             telemetry.router(model, step)

@@ -49,18 +49,26 @@ def is_sharded(model: nn.Module) -> bool:
     return bool(fsdp_modules(model))
 
 
-def rank0_loading(cfg: Any) -> bool:
+def rank0_loading(enabled: bool, quantization: str | None) -> bool:
     """Whether only rank 0 reads the base weights (``launcher.rank0_loading``; not for quantized bases,
     whose quantization happens while loading)."""
-    return bool(cfg.launcher.get("rank0_loading", True)) and not cfg.model.get("quantization")
+    return bool(enabled) and not quantization
 
 
-def shard_model(model: Any, device: torch.device, cfg: Any) -> None:
+def shard_model(
+    model: Any,
+    device: torch.device,
+    *,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+    from_rank0: bool = True,
+) -> None:
     """Apply FSDP2 to a MoAModel in place (every rank; the process group must exist).
 
     Call after the adapters are attached (and gradient checkpointing enabled) and before the optimizer
     is built: the optimizer must hold the sharded DTensor parameters. With rank-0 loading the other
     ranks come with a base on the meta device; they get rank 0's weights (base and adapters) here.
+    ``from_rank0``: :func:`rank0_loading` of the run; ``cpu_offload`` / ``reshard_after_forward``: FSDP2's.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
@@ -70,10 +78,9 @@ def shard_model(model: Any, device: torch.device, cfg: Any) -> None:
         dist.init_process_group(
             backend, store=dist.HashStore(), rank=0, world_size=1, device_id=_device_id(device)
         )
-    cpu_offload = bool(cfg.launcher.get("cpu_offload", False))
     if cpu_offload and device.type != "cuda":
         raise MoATrainError("launcher.cpu_offload=true offloads GPU memory; on CPU set it to false")
-    from_rank0 = rank0_loading(cfg) and dist.get_world_size() > 1
+    from_rank0 = from_rank0 and dist.get_world_size() > 1
     full_state = model.base_model.state_dict() if from_rank0 and dist.get_rank() == 0 else {}
     if not from_rank0:  # every rank loaded the base; the adapters' init used seed + rank: take rank 0's
         sync_adapters_from_rank0(model)
@@ -85,7 +92,7 @@ def shard_model(model: Any, device: torch.device, cfg: Any) -> None:
     ignored = {p for p in base.parameters() if _is_quantized(p)}
     offload = CPUOffloadPolicy() if cpu_offload else OffloadPolicy()
     common = dict(mesh=mesh, offload_policy=offload, ignored_params=ignored or None)
-    reshard = bool(cfg.launcher.get("reshard_after_forward", True))
+    reshard = reshard_after_forward
     for layer in find_decoder_layers(base):
         moa = getattr(layer, "moa", None)
         if moa is not None:

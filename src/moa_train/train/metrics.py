@@ -11,7 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
 
 log = logging.getLogger(__name__)
 
@@ -60,15 +59,23 @@ class Meter:
 
 
 class RouterLog:
-    """Router statistics per log interval: per layer x expert metrics, dead-expert warnings and a
-    layer x expert heat-map of mean gates every ``trainer.heatmap_every_steps`` (PNG + logger)."""
+    """Router statistics per log interval: per layer x expert metrics, dead-expert warnings (an expert
+    active on fewer than ``dead_threshold`` of the tokens for ``dead_intervals`` intervals) and a
+    layer x expert heat-map of mean gates every ``heatmap_every`` steps (PNG + logger; 0: at the end only)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, logger: Any) -> None:
-        tc = cfg.trainer
+    def __init__(
+        self,
+        run_dir: Path,
+        logger: Any,
+        *,
+        heatmap_every: int | None = 0,
+        dead_threshold: float = 0.01,
+        dead_intervals: int = 5,
+    ) -> None:
         self.run_dir, self.logger = run_dir, logger
-        self.heatmap_every = int(tc.get("heatmap_every_steps") or 0)
-        self.dead_threshold = float(tc.get("dead_expert_threshold", 0.01))
-        self.dead_intervals = int(tc.get("dead_expert_intervals", 5))
+        self.heatmap_every = int(heatmap_every or 0)
+        self.dead_threshold = float(dead_threshold)
+        self.dead_intervals = int(dead_intervals)
         self.quiet: dict[tuple[int, str], int] = {}
         self.last_heatmap = 0  # heat-maps at the first log step at or after each multiple of the period
 

@@ -127,7 +127,8 @@ def _train(
     splits = load_splits(cfg.data) if splits is None else splits  # moa-train read them before the run dir
     fsdp = cfg.launcher.name == "fsdp"  # FSDP2, applied below by moa_train itself (train/fsdp.py)
     # with rank-0 loading, the other ranks build the base on the meta device and get rank 0's weights
-    base, tokenizer = load_base_model(cfg.model, empty=fsdp and rank > 0 and rank0_loading(cfg))
+    from_rank0 = rank0_loading(cfg.launcher.get("rank0_loading", True), cfg.model.get("quantization"))
+    base, tokenizer = load_base_model(cfg.model, empty=fsdp and rank > 0 and from_rank0)
     place_base(base, processes.device, PRECISIONS[precision])
     model = get_moa_model(base, MoAConfig.from_dict(_plain(cfg.moa)))
     if tc.gradient_checkpointing:
@@ -141,7 +142,10 @@ def _train(
         cpu=use_cpu, kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=bool(find_unused))]
     )
     if fsdp:  # before the optimizer: it must hold the sharded parameters
-        shard_model(model, accelerator.device, cfg)
+        shard_model(
+            model, accelerator.device, cpu_offload=bool(cfg.launcher.get("cpu_offload", False)),
+            reshard_after_forward=bool(cfg.launcher.get("reshard_after_forward", True)), from_rank0=from_rank0,
+        )  # fmt: skip
     if tc.get("compile"):  # one graph per forward (moa_train.core.compile); compiles lazily at the first step
         from moa_train.core.compile import compile_model
 
@@ -184,7 +188,10 @@ def _train(
         config = OmegaConf.to_container(cfg, resolve=True)
         logger = make_logger(cfg.logger, run_dir, config, resume_id=state.wandb_id)
         state.wandb_id = getattr(logger.backend, "id", None) or state.wandb_id
-    telemetry = RouterLog(cfg, run_dir, logger)
+    telemetry = RouterLog(
+        run_dir, logger, heatmap_every=tc.get("heatmap_every_steps"),
+        dead_threshold=tc.get("dead_expert_threshold", 0.01), dead_intervals=tc.get("dead_expert_intervals", 5),
+    )  # fmt: skip
     model_node = OmegaConf.to_container(cfg.model, resolve=True)
     # a live bar on a terminal; piped into a file (CI, nohup, a cluster's job log) a \r-redrawn bar is one
     # endless line, so there each log step writes a plain line with the same fields instead
