@@ -37,14 +37,14 @@ def _serve(cfg: DictConfig) -> Any:
 
 def generate_main() -> None:
     """``moa-generate``: answer a JSONL file of prompts with a checkpoint."""
-    _guarded(_generate)
+    _guarded(_generate, "generate")
 
 
 def chat_main() -> None:
     """``moa-chat``: talk to a checkpoint in the terminal."""
-    _guarded(_chat)
+    _guarded(_chat, "chat")
 
 
 def serve_main() -> None:
     """``moa-serve``: an OpenAI-compatible HTTP API for a checkpoint."""
-    _guarded(_serve)
+    _guarded(_serve, "serve")

@@ -270,6 +270,8 @@ class Engine:
         self.max_batch_size, self.max_queue, self.batch_wait_s = max_batch_size, max_queue, batch_wait_s
         self.autocast = autocast or contextlib.nullcontext
         self.eos_ids = _eos_ids(model, tokenizer)
+        if hasattr(model, "set_telemetry"):  # router_stats() counters: nothing here reads them (speed)
+            model.set_telemetry(False)
         self.pad_id = pad_token_id(tokenizer)
         self._waiting: collections.deque[Request] = collections.deque()
         self._running: list[Request] = []

@@ -106,9 +106,9 @@ def load(cfg: DictConfig) -> Loaded:
         find_run_config,
         load_model_for_eval,
         recorded_precision,
-        resolve_checkpoint,
         resolve_run_settings,
     )
+    from moa_train.rundir import resolve_checkpoint
 
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
