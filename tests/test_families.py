@@ -42,6 +42,21 @@ def method(name: str, family: str) -> dict:
 
 
 METHODS = ["soft_moa", "sparse_moa", "lora"]
+# The default suite trains / reloads / decodes Soft MoA on every family and LoRA (routed experts
+# included) on the MoE bases; the other (family, method) pairs of these checks are marked slow.
+FAST = {(f, "soft_moa") for f in FAMILIES} | {(f, "lora") for f in MOE_FAMILIES}
+# FSDP and compile (slow): Soft MoA on the dense families, LoRA with routed experts on the MoE bases.
+SCALE = [(f, "lora" if f in MOE_FAMILIES else "soft_moa") for f in FAMILIES]
+
+
+def matrix(fast: set[tuple[str, str]] | None = None, pairs: list | None = None) -> list:
+    """(family, method) parameters with ids ``family-method``; those outside ``fast`` are marked slow."""
+    pairs = pairs or [(f, n) for f in FAMILIES for n in METHODS]
+    slow = () if fast is None else (pytest.mark.slow,)
+    return [
+        pytest.param(f, n, marks=() if fast is not None and (f, n) in fast else slow, id=f"{f}-{n}")
+        for f, n in pairs
+    ]
 
 
 def no_pa(cfg: dict) -> dict:
@@ -49,8 +64,7 @@ def no_pa(cfg: dict) -> dict:
 
 
 # ---- identity at init ------------------------------------------------------------------------------------
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "name"), matrix())
 def test_identity_at_init(family: str, name: str) -> None:
     base = family_model(family)
     with torch.no_grad():
@@ -157,14 +171,13 @@ def test_prompt_expert_equals_the_family_eager_attention_over_the_prompt(family:
 
 
 # ---- training, save / reload, decoding ---------------------------------------------------------------------
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "name"), matrix(FAST))
 def test_training_lowers_the_loss(family: str, name: str) -> None:
     model = get_moa_model(family_model(family), method(name, family)).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-2)
     losses = []
-    for _ in range(6):
+    for _ in range(4):
         out = model(input_ids=IDS, labels=IDS)
         loss = out.loss + model.aux_loss()
         optimizer.zero_grad()
@@ -174,8 +187,7 @@ def test_training_lowers_the_loss(family: str, name: str) -> None:
     assert losses[-1] < losses[0] - 1e-3, losses
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "name"), matrix(FAST))
 def test_save_reload_gives_identical_logits(family: str, name: str, tmp_path) -> None:
     model = get_moa_model(family_model(family), method(name, family))
     randomize_adapters(model, 0.3)
@@ -185,8 +197,7 @@ def test_save_reload_gives_identical_logits(family: str, name: str, tmp_path) ->
         assert torch.equal(model(IDS).logits, again(IDS).logits)
 
 
-@pytest.mark.parametrize("name", METHODS)
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "name"), matrix(FAST))
 def test_kv_cache_greedy_equals_full_forward(family: str, name: str) -> None:
     model = get_moa_model(family_model(family), method(name, family))
     randomize_adapters(model, 0.3)
@@ -297,8 +308,7 @@ def test_routed_lora_runs_the_experts_on_their_tokens_only() -> None:
 
 # ---- slow: FSDP (2 processes on CPU) and torch.compile -------------------------------------------------------
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["soft_moa", "lora"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "name"), matrix(pairs=SCALE))
 def test_fsdp_two_processes_equal_one(family: str, name: str, tmp_path) -> None:
     """FSDP2 over 2 CPU processes (each runs half the batch): gathered gradients = one process."""
     import json
@@ -327,8 +337,7 @@ def _graph_breaks(model, ids: torch.Tensor) -> tuple[int, list[str]]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["soft_moa", "lora"])
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize(("family", "name"), matrix(pairs=SCALE))
 def test_compile_traces_without_graph_breaks_where_the_base_does(family: str, name: str) -> None:
     base_breaks, _ = _graph_breaks(family_model(family).train(), IDS)
     if base_breaks:
@@ -407,3 +416,29 @@ def test_arch_configs_have_the_published_parameter_counts_and_dry_run_lora_count
         [f"model={name}", "experts=lora_only", "router=none", f"moa.lora_targets={listed}", "dry_run=true"]
     )
     assert dry_run(cfg)["trainable_params"] == _lora_count(arch, targets, int(cfg.moa.lora_rank))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("family", "name"), matrix(pairs=SCALE))
+def test_4bit_base_trains(family: str, name: str) -> None:
+    """An nf4 base (bitsandbytes, CPU backend; the MoE bases' 3-D experts stay unquantized) trains."""
+    pytest.importorskip("bitsandbytes")
+    from moa_train.models.base import _quantize_built, quantization_config
+
+    quantized = _quantize_built(
+        family_model(family),
+        quantization_config({"quantization": "nf4"}, torch.float32),
+        torch.float32,
+        "eager",
+    )
+    assert any(type(m).__name__ == "Linear4bit" for m in quantized.modules())
+    model = get_moa_model(quantized, method(name, family)).train()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(4):
+        loss = model(input_ids=IDS, labels=IDS).loss + model.aux_loss()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 1e-3, losses
