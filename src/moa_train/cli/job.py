@@ -105,6 +105,9 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     from moa_train.data import load_splits
 
     splits = load_splits(cfg.data)  # a bad data file fails here, before the run dir is claimed
+    from moa_train.train.validation import split_validation
+
+    splits = split_validation(splits, cfg)  # the validation split and its options, also before the run dir
     split = str(cfg.final_eval.get("split"))
     if cfg.final_eval.get("enabled") and not splits.get(split):
         raise MoATrainError(

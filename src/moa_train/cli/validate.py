@@ -184,8 +184,10 @@ _MODEL = (
 )
 
 _LOGGER = (
-    Choice("name", "wandb", "tensorboard", "none"),
+    Choice("name", "wandb", "tensorboard", "mlflow", "none"),
     Choice("mode", "auto", "online", "offline", "disabled"),
+    Str("tracking_uri", null=True),  # mlflow
+    Str("experiment", null=True),  # mlflow
 )
 
 RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
@@ -218,6 +220,12 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Float("dead_expert_threshold", lo=0, hi=1),
             Int("dead_expert_intervals", lo=1),
             Choice("progress_bar", "auto", True, False),
+            Int("eval_every_steps", lo=1, null=True),  # validation (train/validation.py checks the pairings)
+            Int("val_accuracy_records", lo=0, null=True),
+            Choice("best_metric", "val/loss", "val/accuracy"),
+            Choice("best_mode", "min", "max"),
+            Int("early_stopping.patience", lo=1, null=True),
+            Float("early_stopping.min_delta", lo=0),
         ),
         "optimizer": (
             Choice("name", "adamw"),
@@ -247,6 +255,8 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Int("split_seed", lo=0),
             Choice("arith_format", "equation", "number", "sentence"),
             Choice("answer_type", "numeric", "label", "letter", null=True),
+            Bool("packing"),
+            Bool("streaming"),
         ),
         "model": _MODEL,
         "logger": _LOGGER,

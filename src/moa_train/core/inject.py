@@ -31,6 +31,7 @@ from moa_train.core.config import LORA_SITES, MoAConfig, parse_layers
 from moa_train.core.experts import routed
 from moa_train.core.families import AttentionView, Family, family_of, find_layers
 from moa_train.core.layer import MoALayer, MoAState
+from moa_train.core.segments import instance_fallback, segment_index
 from moa_train.errors import MoATrainError
 
 ATTN_PREFIX = "moa_"
@@ -333,6 +334,11 @@ def _model_hook(state: MoAState, moa_layers: list[MoALayer | None]):
         if isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 2:
             token_mask = attention_mask[:, -length:].to(torch.float32)
         cache = kwargs.get("past_key_values", kwargs.get("cache"))
+        segments = None
+        if state.segment_ids is not None:  # packed rows: real tokens are those with a segment
+            segments = segment_index(state.segment_ids[:, -length:])
+            token_mask = segments[1].to(torch.float32)
+        state.segments = segments
         state.is_prefill = (
             cache is None or not hasattr(cache, "get_seq_length") or cache.get_seq_length() == 0
         )
@@ -343,9 +349,12 @@ def _model_hook(state: MoAState, moa_layers: list[MoALayer | None]):
         if instance is None and isinstance(labels, torch.Tensor):
             prompt = (labels == -100).to(torch.float32)
             instance = prompt if token_mask is None else prompt * token_mask
-            empty = instance.sum(1, keepdim=True) == 0  # a row with no prompt: fall back to all real tokens
-            fallback = token_mask if token_mask is not None else torch.ones_like(instance)
-            instance = torch.where(empty, fallback, instance)
+            if segments is not None:  # an example with no prompt: all its real tokens (per example)
+                instance = instance_fallback(instance, token_mask, segments)
+            else:
+                empty = instance.sum(1, keepdim=True) == 0  # a row with no prompt: all real tokens
+                fallback = token_mask if token_mask is not None else torch.ones_like(instance)
+                instance = torch.where(empty, fallback, instance)
         state.instance_mask = instance
         state.aux = {}
 

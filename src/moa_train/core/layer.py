@@ -19,6 +19,7 @@ from moa_train.core.config import LORA_SITES, SLOT_ORDER, MoAConfig
 from moa_train.core.experts import FFNExperts, LoRAExperts, ParallelAdapter, PromptExpert
 from moa_train.core.ops import padded_rows, zero_padding
 from moa_train.core.routers import Router, RouterOutput
+from moa_train.core.segments import pool_segments, spread
 
 
 class MoAState:
@@ -30,6 +31,10 @@ class MoAState:
         self.token_mask: torch.Tensor | None = None  # [B, T] 1 for real tokens of this forward
         self.instance_mask: torch.Tensor | None = None  # [B, T] tokens an instance router averages over
         self.explicit_instance_mask: torch.Tensor | None = None
+        # packed rows: segment ids [B, T] of this forward (1, 2, ... per example, 0 padding) and their
+        # segment_index (core/segments.py); None for one example per row
+        self.segment_ids: torch.Tensor | None = None
+        self.segments: tuple[torch.Tensor, torch.Tensor, int] | None = None
         self.is_prefill = True  # False on decoding steps that reuse a KV cache
         self.collect_stats = True
         self.capture: list[torch.Tensor] | None = None
@@ -203,6 +208,8 @@ class MoALayer(nn.Module):
         counts = (
             mask.sum(1, keepdim=True) if mask is not None else x.new_full((x.shape[0], 1), float(x.shape[1]))
         )
+        if state.segments is not None and (state.is_prefill or self._instance_cache is None):
+            return self._route_segments(x, state.instance_mask if state.instance_mask is not None else mask)
         if state.is_prefill or self._instance_cache is None:
             pool = state.instance_mask if state.instance_mask is not None else mask
             if pool is None:
@@ -214,6 +221,20 @@ class MoALayer(nn.Module):
             return self._instance_cache
         self.router.record(self._instance_cache, counts)
         return self._instance_cache
+
+    def _route_segments(self, x: torch.Tensor, pool: torch.Tensor | None) -> RouterOutput:
+        """Packed rows: one gate vector per example (pooled over that example's tokens only), given to
+        that example's tokens; the router sees [examples, 1, H] as for unpacked rows, so telemetry and
+        aux losses weigh each example by its real tokens exactly as there."""
+        segments = self._state.segments
+        pooled, counts = pool_segments(x, pool, segments)
+        out = self.router(pooled, counts)
+        index, real, _ = segments
+        weights = spread(out.weights, index, real)
+        keep = None if out.keep is None else spread(out.keep, index, real)
+        result = RouterOutput(weights, keep, None, None, gates=weights)
+        self.__dict__["_instance_cache"] = result
+        return result
 
     # -- step 2: gate x expert at each site -------------------------------------------------------
     def gate_column(self, i: int) -> torch.Tensor:

@@ -18,6 +18,7 @@ from moa_train.core.config import MoAConfig, check_moa_config
 from moa_train.core.dist import like_param
 from moa_train.core.inject import find_decoder_layers, inject, restore_attention
 from moa_train.core.layer import MoALayer, MoAState
+from moa_train.core.segments import positions_from_segments
 from moa_train.core.telemetry import summarize
 from moa_train.errors import MoATrainError
 from moa_train.files import atomic_path, read_json, read_tensors, write_atomic
@@ -67,12 +68,24 @@ class MoAModel(nn.Module):
         use_cache: bool | None = None,
         instance_mask: torch.Tensor | None = None,
         task_types: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
         **kwargs: Any,
     ):
         """Same arguments as the base model (named, so that ``transformers.Trainer`` keeps the usual dataset
         columns, as for a PeftModel). ``instance_mask`` [B, T] overrides the tokens that an
         instance-level router averages over (default: the prompt, i.e. labels == -100, or all tokens).
-        ``task_types`` [B] (0/1) is each example's task type for LoRAMoE's localized balancing constraint."""
+        ``task_types`` [B] (0/1) is each example's task type for LoRAMoE's localized balancing constraint.
+        ``segment_ids`` [B, T] marks packed rows (1, 2, ... per example, 0 padding; data/packing.py): pass
+        ``attention_mask=None`` and per-example ``position_ids`` (derived from the segments when None), from
+        which transformers builds the block-diagonal causal mask; routers then pool and count per example."""
+        if segment_ids is not None:
+            if attention_mask is not None:
+                raise MoATrainError(
+                    "segment_ids (packed rows) go with attention_mask=None: transformers builds the "
+                    "per-example mask from the position ids"
+                )
+            if position_ids is None:
+                position_ids = positions_from_segments(segment_ids)
         named = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -86,11 +99,13 @@ class MoAModel(nn.Module):
         kwargs.update({k: v for k, v in named.items() if v is not None})
         self._state.explicit_instance_mask = instance_mask
         self._state.task_types = task_types
+        self._state.segment_ids = segment_ids
         try:
             return self.base_model(**kwargs)
         finally:
             self._state.explicit_instance_mask = None
             self._state.task_types = None
+            self._state.segment_ids = None
 
     def begin_step(self) -> None:
         """Call at the start of every optimizer step (before its first micro-batch): resets the counts of

@@ -13,13 +13,24 @@ import torch
 
 
 def segment_index(segment_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """(index [B, T] of each token's example among all examples of the batch, row-major, 0 on padding;
-    real [B, T] bool; number of examples N). One host read (N), once per forward (the model hook)."""
+    """(index [B, T] of each token's example slot, ``b * T + segment - 1``, 0 on padding; real [B, T]
+    bool; number of slots B * T). The slot count is an upper bound known without reading the device
+    (no host sync, one graph under torch.compile); unused slots have no real token, so every statistic
+    weighted by real-token counts ignores them."""
+    batch, length = segment_ids.shape
     real = segment_ids > 0
-    per_row = segment_ids.amax(1)  # segments are numbered 1..n_b within row b
-    offsets = torch.cumsum(per_row, 0) - per_row
-    index = torch.where(real, segment_ids - 1 + offsets[:, None], torch.zeros_like(segment_ids))
-    return index, real, int(per_row.sum().item())
+    rows = torch.arange(batch, device=segment_ids.device)[:, None] * length
+    index = torch.where(real, rows + segment_ids - 1, torch.zeros_like(segment_ids))
+    return index, real, batch * length
+
+
+def positions_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
+    """Position ids that restart at 0 where the segment id changes (padding counts on as its own run)."""
+    length = segment_ids.shape[1]
+    steps = torch.arange(length, device=segment_ids.device).expand_as(segment_ids)
+    starts = torch.ones_like(segment_ids, dtype=torch.bool)
+    starts[:, 1:] = segment_ids[:, 1:] != segment_ids[:, :-1]
+    return steps - torch.where(starts, steps, torch.zeros_like(steps)).cummax(1).values
 
 
 def segment_sum(values: torch.Tensor, index: torch.Tensor, real: torch.Tensor, count: int) -> torch.Tensor:

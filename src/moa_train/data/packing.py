@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from bisect import bisect_left, insort
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -131,3 +132,37 @@ class PackedCollator:
 def real_token_share(real_tokens: int, rows: int, width: int) -> float:
     """Real tokens / tokens computed (rows x padded width) of the batches a run computed."""
     return real_tokens / max(1, rows * width)
+
+
+def check_flags(cfg: Any) -> None:
+    """One-line errors for ``data.packing`` / ``data.streaming`` and the options they cannot go with."""
+    dc, tc = cfg.data, cfg.trainer
+    for key in ("packing", "streaming"):
+        value = dc.get(key, False)
+        if not isinstance(value, bool):
+            raise MoATrainError(f"data.{key}={value!r} must be true or false")
+    lbc = float((cfg.get("moa") or {}).get("router", {}).get("lbc_coef") or 0.0)
+    if dc.get("packing") and lbc:
+        raise MoATrainError(
+            "data.packing=true cannot carry per-example task types (router.lbc_coef > 0, LoRAMoE's localized "
+            "balancing): set data.packing=false for this method"
+        )
+    if dc.get("streaming"):
+        if dc.get("packing"):
+            raise MoATrainError("data.streaming=true does not pack rows yet: set data.packing=false")
+        if str(dc.get("source", "json")) != "json":
+            raise MoATrainError(
+                f"data.streaming=true reads local JSONL files (data.source=json), not data.source={dc.get('source')}"
+            )
+        if not tc.get("max_steps"):
+            raise MoATrainError(
+                "data.streaming=true needs trainer.max_steps (a stream's length is not known in advance)"
+            )
+        if dc.get("val_size") is not None:
+            raise MoATrainError("data.streaming=true cannot hold records out of a stream: use data.val_path")
+        if dc.get("group_by_length"):
+            raise MoATrainError(
+                "data.streaming=true reads records in file order: set data.group_by_length=false"
+            )
+        if lbc:
+            raise MoATrainError("data.streaming=true cannot assign task types (router.lbc_coef > 0)")

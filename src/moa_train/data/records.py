@@ -82,6 +82,10 @@ def validate_record(item: Any, index: int, source: str, split: str = "train") ->
     """
     if not isinstance(item, Mapping):
         raise MoATrainError(f"{source}: record {index} is a {type(item).__name__}, expected a JSON object")
+    from moa_train.data.chat import chat_record, is_chat_record
+
+    if is_chat_record(item):  # messages / ShareGPT conversations (data/chat.py)
+        return chat_record(item, f"{source}: record {index}")
     for field in REQUIRED_FIELDS.get(split, REQUIRED_FIELDS["train"]):
         if item.get(field) is None:
             raise MoATrainError(f"{source}: record {index} has no {field!r} field")

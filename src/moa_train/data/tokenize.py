@@ -113,9 +113,20 @@ def _chat_response(tokenizer: Any, prompt: list[int], instruction: str, input: s
 
 
 def _encode(
-    record: Mapping[str, Any], tokenizer: Any, max_len: int, train_on_inputs: bool, template: str = "alpaca"
+    record: Mapping[str, Any],
+    tokenizer: Any,
+    max_len: int,
+    train_on_inputs: bool,
+    template: str = "alpaca",
+    where: str = "record",
 ) -> tuple[dict[str, list[int]], int, bool]:
     """(example, prompt length, whether the whole response + EOS fit)."""
+    if record.get("messages"):  # a chat record: its own chat template whatever data.template says
+        from moa_train.data.chat import encode_chat
+
+        example, complete = encode_chat(record["messages"], tokenizer, max_len, train_on_inputs, where)
+        supervised = [i for i, label in enumerate(example["labels"][1:], 1) if label != IGNORE_INDEX]
+        return example, supervised[0] if supervised else len(example["input_ids"]), complete
     if max_len < 2:
         raise MoATrainError(f"data.max_len must be >= 2, got {max_len}")
     eos = tokenizer.eos_token_id
@@ -174,8 +185,10 @@ def encode_dataset(
     ``truncated`` (response cut, so no EOS)."""
     check_template(template, tokenizer)
     examples, dropped, truncated = [], 0, 0
-    for record in records:
-        example, prompt_len, complete = _encode(record, tokenizer, max_len, train_on_inputs, template)
+    for index, record in enumerate(records):
+        example, prompt_len, complete = _encode(
+            record, tokenizer, max_len, train_on_inputs, template, f"training record {index}"
+        )
         if len(example["input_ids"]) <= prompt_len:
             dropped += 1
             continue

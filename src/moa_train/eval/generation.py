@@ -99,6 +99,10 @@ def encode_prompt(tokenizer: Any, record: Mapping[str, Any], template: str = "al
     tokenises its prompt part."""
     from moa_train.data import encode_prompt_ids
 
+    if record.get("messages"):  # a chat record: the conversation before its last assistant turn
+        from moa_train.data.chat import chat_prompt_ids
+
+        return chat_prompt_ids(record["messages"], tokenizer)
     return encode_prompt_ids(tokenizer, str(record["instruction"]), str(record.get("input") or ""), template)
 
 

@@ -23,7 +23,6 @@ from moa_train.tracking import WANDB_INIT_TIMEOUT, start_wandb  # noqa: F401 (WA
 log = logging.getLogger(__name__)
 
 
-
 class Backend:
     """An external logger. Subclasses override what they support."""
 
@@ -139,10 +138,16 @@ def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str 
                 backend = WandbBackend(cfg, run_dir, config, resume_id)
         elif name == "tensorboard":
             backend = TensorBoardBackend(run_dir)
+        elif name == "mlflow":
+            from moa_train.train.mlflow_backend import MlflowBackend
+
+            backend = MlflowBackend(cfg, run_dir, config, resume_id)
         elif name == "none":
             backend = Backend()
         else:
-            raise MoATrainError(f"logger={name!r} is not known; choose one of wandb, tensorboard, none")
+            raise MoATrainError(
+                f"logger={name!r} is not known; choose one of wandb, tensorboard, mlflow, none"
+            )
     except ImportError as exc:
         log.warning("logger=%s is not installed (%s); only metrics.jsonl is written", name, exc)
         backend = Backend()

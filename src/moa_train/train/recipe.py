@@ -125,6 +125,10 @@ def _train(
     from moa_train.data import load_splits
 
     splits = load_splits(cfg.data) if splits is None else splits  # moa-train read them before the run dir
+    if "val" not in splits:  # moa-train holds the validation split out before the run dir; the API here
+        from moa_train.train.validation import split_validation
+
+        splits = split_validation(splits, cfg)
     fsdp = cfg.launcher.name == "fsdp"  # FSDP2, applied below by moa_train itself (train/fsdp.py)
     # with rank-0 loading, the other ranks build the base on the meta device and get rank 0's weights
     from_rank0 = rank0_loading(cfg.launcher.get("rank0_loading", True), cfg.model.get("quantization"))
@@ -206,6 +210,10 @@ def _train(
         total_steps, plan.global_batch, plan.micro_batch, plan.accumulation, world, lr,
     )  # fmt: skip
     model.reset_router_stats()
+    from moa_train.train.validation import ValidationLoop
+
+    validation = ValidationLoop(cfg, run_dir, tokenizer, splits, state, autocast, accelerator.device)
+    stopped = False
     meter = Meter(accelerator.device)
     started, compiled_before = time.perf_counter(), compile_seconds()
     while state.step < total_steps:
@@ -221,8 +229,7 @@ def _train(
                     with autocast:
                         out = ddp_model(
                             input_ids=batch["input_ids"],
-                            attention_mask=batch["attention_mask"],
-                            instance_mask=(batch["labels"] == -100) & batch["attention_mask"].bool(),
+                            **plan.forward_masks(batch),  # packed rows: segments and per-example positions
                             task_types=batch.get("task_types"),  # LoRAMoE LBC (when the data has them)
                             use_cache=False,  # no KV cache in training (under checkpointing: a graph break)
                         )
@@ -252,6 +259,7 @@ def _train(
 
             state.step, state.step_in_epoch = state.step + 1, k + 1
             state.tokens_seen += step_batch.tokens
+            state.extra["computed_tokens"] = state.extra.get("computed_tokens", 0) + step_batch.computed
             meter.tokens += step_batch.tokens
             meter.targets += step_batch.target_tokens
             progress.update(1)
@@ -272,6 +280,13 @@ def _train(
                         metrics["train/loss"], lr_now, metrics["train/tokens_per_s"],
                         _duration(per_step * (total_steps - state.step)),
                     )  # fmt: skip
+            save = dict(
+                accelerator=accelerator, model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler,
+                state=state, extra_config={"model": model_node},
+            )  # fmt: skip
+            stopped = validation.after_step(
+                model, state, total_steps, logger, lambda to, save=save: save_checkpoint(to, **save)
+            )
             if tc.save_every_steps and state.step % int(tc.save_every_steps) == 0:
                 state.train_seconds += time.perf_counter() - started
                 started = time.perf_counter()
@@ -289,10 +304,18 @@ def _train(
                     optimizer=optimizer, scheduler=scheduler, scaler=scaler,
                     extra_config={"model": model_node}, keep_last=tc.get("keep_last"),
                 )  # fmt: skip
+            if stopped:  # early stopping: this step's checkpoint, then final/ and the summary as usual
+                if not (tc.save_every_steps and state.step % int(tc.save_every_steps) == 0):
+                    save_checkpoint(
+                        run_dir / "checkpoints" / f"step-{state.step}", keep_last=tc.get("keep_last"), **save
+                    )
+                break
             if state.step >= total_steps:
                 break
         else:  # the epoch ran out: the next one has a new order
             state.epoch, state.step_in_epoch = state.epoch + 1, 0
+        if stopped:
+            break
     progress.close()
     state.train_seconds += time.perf_counter() - started
     compile_time = compile_seconds() - compiled_before  # logged apart from step time (train_seconds, tok/s)
@@ -319,6 +342,9 @@ def _train(
         **({"compile_seconds": round(compile_time, 1)} if tc.get("compile") else {}),
         "trainable_params": model.num_trainable_parameters(),
         "world_size": world,
+        "packing": plan.packing,
+        "real_token_share": round(state.tokens_seen / max(1, state.extra.get("computed_tokens", 0)), 4),
+        **validation.summary(),  # best_step, best_metric, stopped_early (with validation on)
         "peak_memory_mb": peak_memory_mb(accelerator.device),
         **summary_fields(model, cfg.launcher.name),  # parallelism, base_params_per_rank
     }
@@ -350,10 +376,15 @@ def _train(
 class StepBatch:
     """The micro-batches this process runs for one optimizer step, with global token counts."""
 
-    def __init__(self, micro_batches: list[dict[str, torch.Tensor]], tokens: int, target_tokens: int):
+    def __init__(
+        self, micro_batches: list[dict[str, torch.Tensor]], tokens: int, target_tokens: int, computed: int = 0
+    ) -> None:
         self.micro_batches = micro_batches
         self.tokens = tokens  # non-padding input tokens in the global batch (all processes)
         self.target_tokens = target_tokens  # tokens with a label in the global batch (all processes)
+        self.computed = (
+            computed  # rows x padded width of every micro-batch of the global batch (all processes)
+        )
 
 
 class BatchPlan:
@@ -378,8 +409,22 @@ class BatchPlan:
         log.info("training examples: %s", stats)
         self.lengths = [len(e["input_ids"]) for e in self.examples]
         # labels are compared with the next token: position 0 never has a target
+        self.packing = bool(dc.get("packing", False))
+        if self.packing:  # rows of whole examples, each isolated from the others (data/packing.py)
+            from moa_train.data.packing import PackedCollator, pack_examples
+
+            self.examples = pack_examples(self.examples, int(dc.max_len))
+            log.info(
+                "packing: %d examples in %d rows of up to %d tokens",
+                stats["kept"],
+                len(self.examples),
+                dc.max_len,
+            )
+            self.lengths = [len(e["input_ids"]) for e in self.examples]
         self.targets = [sum(1 for t in e["labels"][1:] if t != -100) for e in self.examples]
-        self.collate = TrainCollator(tokenizer.pad_token_id)
+        self.collate = (
+            PackedCollator(tokenizer.pad_token_id) if self.packing else TrainCollator(tokenizer.pad_token_id)
+        )
         self.data_seed = int(dc.get("seed", 0))
         self.group_by_length = bool(dc.get("group_by_length", False))
         self.world, self.rank = world, rank
@@ -430,7 +475,25 @@ class BatchPlan:
         for j in range(self.accumulation):
             start = (j * self.world + self.rank) * self.micro_batch
             micro.append(self.collate([self.examples[i] for i in chunk[start : start + self.micro_batch]]))
-        return StepBatch(micro, sum(self.lengths[i] for i in chunk), sum(self.targets[i] for i in chunk))
+        computed = (
+            0  # what the forwards compute: each micro-batch (every process's) padded to its longest row
+        )
+        for start in range(0, len(chunk), self.micro_batch):
+            rows = chunk[start : start + self.micro_batch]
+            computed += len(rows) * max(self.lengths[i] for i in rows)
+        tokens, targets = sum(self.lengths[i] for i in chunk), sum(self.targets[i] for i in chunk)
+        return StepBatch(micro, tokens, targets, computed)
+
+    def forward_masks(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
+        """The mask arguments of the model's forward: packed rows pass their segments and per-example
+        positions (transformers then builds the block-diagonal mask itself), padded rows the padding mask."""
+        if self.packing:
+            return {
+                "attention_mask": None, "position_ids": batch["position_ids"],
+                "segment_ids": batch["segment_ids"], "instance_mask": batch["instance_mask"],
+            }  # fmt: skip
+        mask = batch["attention_mask"]
+        return {"attention_mask": mask, "instance_mask": (batch["labels"] == -100) & mask.bool()}
 
 
 def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,13 @@ import random
 import pytest
 import torch
 
-from moa_train.core.segments import instance_fallback, pool_segments, segment_index, spread
+from moa_train.core.segments import (
+    instance_fallback,
+    pool_segments,
+    positions_from_segments,
+    segment_index,
+    spread,
+)
 from moa_train.data.packing import PackedCollator, pack_examples, pack_rows
 from moa_train.errors import MoATrainError
 
@@ -48,6 +54,11 @@ def test_packed_rows_keep_each_example_and_mask_its_first_token() -> None:
         pack_examples([{"input_ids": [1], "labels": [1], "task_type": 0}], 4)
 
 
+def test_positions_restart_per_segment() -> None:
+    segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0, 0], [1, 2, 3, 3, 3, 3, 3]])
+    assert positions_from_segments(segment_ids).tolist() == [[0, 1, 2, 0, 1, 0, 1], [0, 0, 0, 1, 2, 3, 4]]
+
+
 def test_segment_pooling_equals_per_example_means() -> None:
     torch.manual_seed(0)
     segment_ids = torch.tensor([[1, 1, 1, 2, 2, 0], [1, 1, 1, 1, 1, 1]])
@@ -55,13 +66,15 @@ def test_segment_pooling_equals_per_example_means() -> None:
     x = torch.randn(2, 6, 3)
     segments = segment_index(segment_ids)
     pooled, counts = pool_segments(x, pool, segments)
-    assert counts.flatten().tolist() == [3, 2, 6]
+    slots = [0, 1, 6]  # b * T + segment - 1; the other slots hold no token
+    assert counts.flatten().tolist() == [3, 2, 0, 0, 0, 0, 6] + [0] * 5
     # example 2 selects no token: the caller's fallback (instance_fallback) is what makes it pool all
     expected = [x[0, [0, 2]].mean(0), torch.zeros(3), x[1, :2].mean(0)]
-    torch.testing.assert_close(pooled[:, 0], torch.stack(expected))
+    torch.testing.assert_close(pooled[slots, 0], torch.stack(expected))
     filled = instance_fallback(pool, (segment_ids > 0).long(), segments)
     assert filled.tolist() == [[1, 0, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]]
-    gates = torch.arange(9.0).reshape(3, 1, 3)
+    gates = torch.zeros(12, 1, 3)
+    gates[slots] = torch.arange(9.0).reshape(3, 1, 3)
     tokens = spread(gates, *segments[:2])
     assert tokens[0, 3].tolist() == [3.0, 4.0, 5.0] and tokens[0, 5].tolist() == [0.0, 0.0, 0.0]
     assert tokens[1, 5].tolist() == [6.0, 7.0, 8.0]
