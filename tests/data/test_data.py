@@ -27,7 +27,7 @@ from moa_train.data import (
 from moa_train.data.template import build_prompt
 from moa_train.errors import MoATrainError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 20-record slices of the LLM-Adapters files (origin: tests/fixtures/llm_adapters/README.md)
 LLM_ADAPTERS = REPO / "tests" / "fixtures" / "llm_adapters"
 CONFIGS = REPO / "configs" / "data"

@@ -32,7 +32,7 @@ from moa_train.eval.router_analysis import processed_sequences
 from moa_train.eval.scoring import resolve_max_new_tokens
 from tiny_models import CHARS, char_tokenizer
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 # 20-record slices of every LLM-Adapters test file (origin: tests/fixtures/llm_adapters/README.md)
 LLM_ADAPTERS = REPO / "tests" / "fixtures" / "llm_adapters"
 # -- tiny models -------------------------------------------------------------------------------------------

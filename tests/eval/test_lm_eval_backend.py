@@ -16,7 +16,7 @@ from moa_train.errors import MoATrainError  # noqa: E402
 from moa_train.eval.lm_eval_backend import run_lm_eval, summarize_task  # noqa: E402
 from tiny_models import CHARS, char_tokenizer  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 TASKS = REPO / "tests" / "fixtures" / "lm_eval"
 DOCS = [json.loads(line) for line in (TASKS / "tiny_qa.jsonl").read_text().splitlines()]
 

@@ -15,7 +15,7 @@ from moa_train.models import base as base_models
 from moa_train.models import smollm2
 from moa_train.models.base import count_parameters, load_base_model
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "model"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs" / "model"
 LLAMA31_8B_PARAMS = 8_030_261_248
 SMOLLM2_PARAMS = 134_515_008
 

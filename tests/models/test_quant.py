@@ -19,7 +19,7 @@ from conftest import TINY, run_cli, train_in_process
 
 pytest.importorskip("bitsandbytes")
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 # LoRA on q,k,v,o,down + parallel adapter + prompt under the Soft MoA router: every expert type
 EVERY_EXPERT = ["experts=all", "router=soft_swiglu"]
 

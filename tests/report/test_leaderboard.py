@@ -130,7 +130,7 @@ def test_page_command_rebuilds_from_records_and_keeps_the_intro(tmp_path: Path, 
 
 
 def test_the_leaderboard_is_a_multirun_config_not_a_shell_loop() -> None:
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert not (repo / "scripts" / "leaderboard.sh").exists()
     config = (repo / "configs" / "sweep" / "leaderboard.yaml").read_text()
     assert "mode: MULTIRUN" in config and "seed: ${seed}" in config

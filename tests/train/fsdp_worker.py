@@ -1,4 +1,4 @@
-"""One rank of the FSDP sharding check (started by tests/test_fsdp.py through torchrun, 2 ranks, gloo).
+"""One rank of the FSDP sharding check (started by tests/train/test_fsdp.py through torchrun, 2 ranks, gloo).
 
 Every rank builds the same tiny MoA model twice: a plain reference that runs the whole global batch,
 and one sharded with ``moa_train.train.fsdp.shard_model``, which runs only this rank's half. The halves
@@ -25,7 +25,7 @@ from moa_train.models.base import load_base_model
 from moa_train.train.fsdp import shard_model
 from moa_train.train.recipe import token_cross_entropy
 
-CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = Path(__file__).resolve().parents[2] / "configs"
 MOA = {
     "lora_targets": ["q", "v", "down"],
     "lora_rank": 4,
