@@ -20,8 +20,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-from moa_train.train.loggers import Backend
-
 MAX_PARAMS_PER_BATCH = 100  # MLflow's limit for log_batch
 MAX_PARAM_CHARS = 500  # long values (lists of paths) are cut; the full config is an artifact too
 _UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")  # MLflow metric/param names allow these characters only
@@ -42,8 +40,9 @@ def _flatten(node: Any, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-class MlflowBackend(Backend):
-    """One MLflow run per moa_train run; ``resume_id`` (the id saved in checkpoints) continues it."""
+class MlflowBackend:
+    """One MLflow run per moa_train run; ``resume_id`` (the id saved in checkpoints) continues it. The
+    same methods as ``loggers.Backend`` (duck-typed: this module is imported by loggers, not the reverse)."""
 
     name = "mlflow"
 

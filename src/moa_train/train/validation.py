@@ -33,6 +33,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from moa_train.errors import MoATrainError
 
@@ -207,7 +208,6 @@ def validation_loss(
     """Mean token cross-entropy over all validation examples (every process computes the whole split, so no
     collective is needed and FSDP ranks run the same forwards), and the validation router statistics."""
     from moa_train.train.metrics import router_metrics
-    from moa_train.train.recipe import token_cross_entropy
 
     was_training = model.training
     model.eval()
@@ -220,7 +220,10 @@ def validation_loss(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     instance_mask=(batch["labels"] == -100) & batch["attention_mask"].bool(), use_cache=False,
                 )  # fmt: skip
-            total += token_cross_entropy(out.logits, batch["labels"])
+            logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]  # next-token targets
+            total += F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
+            )
             targets += int((batch["labels"][:, 1:] != -100).sum())
         stats = model.router_stats()
     model.train(was_training)
