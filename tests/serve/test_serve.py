@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -30,7 +31,7 @@ MAINS = {"moa-generate": generate_main, "moa-chat": chat_main, "moa-serve": serv
 # differ from prompt to prompt (so equality checks can fail) and the experts matter.
 TINY_SERVED = TINY + [
     "final_eval.enabled=false",
-    "trainer.max_steps=4",
+    "trainer.max_steps=2",
     "optimizer.lr=0.05",
     "+model.arch.initializer_range=0.5",
     "trainer.cpu_threads=1",
@@ -68,45 +69,43 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 120) -> None:
+def wait_healthy(url: str, alive: Any, timeout: float = 120) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            pytest.fail(f"moa-serve exited early: {proc.stderr.read() if proc.stderr else ''}")
+        if not alive():
+            pytest.fail("moa-serve stopped before answering /health")
         try:
             with urllib.request.urlopen(url + "/health", timeout=2) as reply:
                 if json.load(reply)["status"] == "ok":
                     return
         except OSError:
-            time.sleep(0.3)
+            time.sleep(0.2)
     pytest.fail("moa-serve did not answer /health in time")
 
 
+def serve_args(run: Path, port: int) -> list[str]:
+    return [f"checkpoint={run}", f"port={port}", "cpu_threads=1", "max_new_tokens=12"]
+
+
 @pytest.fixture(scope="module")
-def server(served_run: Path, tmp_path_factory) -> Any:
+def server(served_run: Path) -> Any:
+    """moa-serve as the console script sets it up (settings, port, model, engine, uvicorn), its server
+    loop on a thread of this process: the HTTP path is the real one, without a second interpreter."""
+    from moa_train.serve.server import start
+
     port = free_port()
-    proc = subprocess.Popen(
-        [
-            console_script("moa-serve"),
-            f"checkpoint={served_run}",
-            f"port={port}",
-            "cpu_threads=1",
-            "max_new_tokens=12",
-        ],
-        cwd=tmp_path_factory.mktemp("serve_cwd"),
-        env={**os.environ, **OFFLINE_ENV},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    uvicorn_server, sock, engine, _ = start(compose_config(serve_args(served_run, port), config_name="serve"))
+    thread = threading.Thread(target=uvicorn_server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_healthy(url, proc)
-        yield {"url": url, "proc": proc, "port": port}
+        wait_healthy(url, thread.is_alive)
+        yield {"url": url, "port": port}
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        uvicorn_server.should_exit = True
+        thread.join(30)
+        engine.stop(cancel=True, timeout=10)
+        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -201,24 +200,42 @@ def test_malformed_requests_get_4xx_and_the_server_stays_up(server: dict, client
     assert client.completions.create(model=model_id(client), prompt="still here", max_tokens=2).choices
 
 
-def test_port_in_use_is_one_line(server: dict, served_run: Path, tmp_path: Path) -> None:
-    code, out = invoke(serve_main, [f"checkpoint={served_run}", f"port={server['port']}"], tmp_path)
+def test_port_in_use_is_one_line(served_run: Path, tmp_path: Path) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        code, out = invoke(serve_main, [f"checkpoint={served_run}", f"port={port}"], tmp_path)
     lines = out.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: cannot listen on 127.0.0.1:"), out
 
 
-def test_sigterm_finishes_in_flight_requests_and_exits_0(server: dict, client: Any) -> None:
-    """Runs last in this module: the server stops."""
-    proc = server["proc"]
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        pending = pool.submit(
-            client.completions.create, model=model_id(client), prompt="a long answer please", max_tokens=12
-        )
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGTERM)
-        assert pending.result(timeout=120).choices[0].finish_reason in ("stop", "length")
-    assert proc.wait(timeout=60) == 0
-    assert "moa-serve: stopped" in proc.stderr.read()
+@pytest.mark.slow
+def test_sigterm_finishes_in_flight_requests_and_exits_0(served_run: Path, tmp_path: Path) -> None:
+    """The console script in its own process: SIGTERM with a request in flight."""
+    import openai
+
+    port = free_port()
+    proc = subprocess.Popen(
+        [console_script("moa-serve"), *serve_args(served_run, port)],
+        cwd=tmp_path, env={**os.environ, **OFFLINE_ENV}, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, lambda: proc.poll() is None, timeout=300)
+        client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=120)
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(client.completions.create, prompt="a long answer please", max_tokens=12,
+                                  model=client.models.list().data[0].id)  # fmt: skip
+            time.sleep(0.2)
+            proc.send_signal(signal.SIGTERM)
+            assert pending.result(timeout=120).choices[0].finish_reason in ("stop", "length")
+        assert proc.wait(timeout=60) == 0
+        assert "moa-serve: stopped" in proc.stderr.read()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
 
 
 # ---- moa-generate and moa-chat (in this process: what the console scripts run after composing) ----------

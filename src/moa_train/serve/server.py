@@ -18,6 +18,7 @@ import json
 import signal
 import socket
 import sys
+import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -349,6 +350,9 @@ def _server_class() -> type:
 
         @contextlib.contextmanager
         def capture_signals(self) -> Iterator[None]:
+            if threading.current_thread() is not threading.main_thread():  # embedded (tests): no handlers
+                yield
+                return
             stops = (signal.SIGINT, signal.SIGTERM)
             previous = {s: signal.signal(s, self.handle_exit) for s in stops}
             try:
@@ -378,14 +382,14 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def run(cfg: DictConfig) -> None:
-    """Check the settings, take the port, load the model, serve until SIGTERM / Ctrl-C."""
+def start(cfg: DictConfig) -> tuple[Any, socket.socket, Engine, Loaded]:
+    """Check the settings, take the port, load the model, start the engine: (uvicorn server, its
+    listening socket, the engine, the model), ready for ``server.run(sockets=[sock])``."""
     try:
         import fastapi  # noqa: F401
-        import uvicorn  # noqa: F401
+        import uvicorn
     except ImportError:
         raise MoATrainError("moa-serve needs fastapi and uvicorn: pip install 'moa_train[serve]'") from None
-    import uvicorn
 
     check_settings(cfg)
     port = cfg.get("port")
@@ -403,18 +407,24 @@ def run(cfg: DictConfig) -> None:
     if str(cfg.get("log_level")) not in ("critical", "error", "warning", "info", "debug", "trace"):
         raise MoATrainError(f"log_level={cfg.get('log_level')!r} is not known; choose warning, info or debug")
     sock = bind(str(cfg.host), int(port))
-    defaults = sampling_from_config(cfg)
-    loaded = load(cfg)
+    try:
+        defaults = sampling_from_config(cfg)
+        loaded = load(cfg)
+    except BaseException:
+        sock.close()
+        raise
     engine = loaded.engine(cfg).start()
     service = Service(loaded, engine, defaults, max_context)
     app = build_app(service, api_key(cfg))
     config = uvicorn.Config(
-        app,
-        log_level=str(cfg.log_level),
-        timeout_graceful_shutdown=int(cfg.shutdown_timeout),
-        lifespan="off",
+        app, log_level=str(cfg.log_level), timeout_graceful_shutdown=int(cfg.shutdown_timeout), lifespan="off"
     )
-    server = _server_class()(config)
+    return _server_class()(config), sock, engine, loaded
+
+
+def run(cfg: DictConfig) -> None:
+    """Serve until SIGTERM / Ctrl-C: finish the requests in flight (up to shutdown_timeout), cancel the rest."""
+    server, sock, engine, loaded = start(cfg)
     host, bound_port = sock.getsockname()[:2]
     print(
         f"moa-serve: {loaded.name} on http://{host}:{bound_port}/v1 (OpenAI-compatible; Ctrl-C or SIGTERM stops)",
@@ -422,7 +432,7 @@ def run(cfg: DictConfig) -> None:
         flush=True,
     )
     try:
-        server.run(sockets=[sock])  # uvicorn turns SIGTERM / SIGINT into a graceful shutdown
+        server.run(sockets=[sock])  # a graceful shutdown on SIGTERM / SIGINT (see _server_class)
     finally:
         engine.stop(cancel=True, timeout=10)
         sock.close()
