@@ -22,6 +22,7 @@ import pytest
 
 from conftest import run_cli
 from moa_train.bench import main as bench_main
+from moa_train.cli.export import main as export_main
 from moa_train.cli.main import eval_main, train_main
 from moa_train.report import main as report_main
 
@@ -378,6 +379,35 @@ CASES = [
     Case("report-unknown-flag", report_main, ["{tmp}", "--bogus"]),
     Case("report-no-jobs", report_main, ["{tmp}"]),
     Case("bench-unknown-flag", bench_main, ["--bogus"]),
+    # ---- unknown keys, also added with + (named with the nearest valid key), in every command ----
+    _train("plus-misspelled-key", "+trainer.max_step=10"),
+    _train("plus-misplaced-key", "+router.load_balance_coef=0.01"),
+    _train("misplaced-key", "router.load_balance_coef=0.01"),
+    _train("plus-unknown-site-router-key", "+moa.site_router.topk=3"),
+    _train("plus-unknown-top-level-key", "+lr=0.1"),
+    _train("flash-attention-on-cpu", "model.attn_implementation=flash_attention_2"),
+    Case("eval-plus-train-key", eval_main, ["+trainer.max_steps=1"]),
+    Case("eval-misspelled-key", eval_main, ["batchsize=3"]),
+    Case("eval-tensorboard-logger", eval_main, ["logger=tensorboard"]),
+    Case("export-no-arguments", export_main, []),
+    Case("export-misspelled-key", export_main, ["checkpoint={run}", "formt=peft", "out={tmp}/out"]),
+    Case("export-plus-unknown-key", export_main, ["checkpoint={run}", "format=peft", "out={tmp}/out", "+merge=1"]),
+    Case("export-format-unknown", export_main, ["checkpoint={run}", "format=gguf", "out={tmp}/out"]),
+    Case("export-dtype-unknown", export_main, ["checkpoint={run}", "format=merged", "out={tmp}/out", "dtype=int4"]),
+    Case("export-routed-checkpoint", export_main, ["checkpoint={copy}", "format=peft", "out={tmp}/out"],
+         copy=lambda run: None),
+    Case("export-out-not-empty", export_main, ["checkpoint={copy}", "format=peft", "out={run}"], copy=lambda run: None),
+    Case("export-checkpoint-nowhere", export_main, ["checkpoint={tmp}/nowhere", "format=peft", "out={tmp}/out"]),
+]  # fmt: skip
+
+NEAREST = [  # (command, argv, the key the error line must name)
+    (train_main, ["+trainer.max_step=10"], "did you mean trainer.max_steps?"),
+    (train_main, ["+router.load_balance_coef=0.01"], "did you mean moa.router.load_balance_coef?"),
+    (train_main, ["router.load_balance_coef=0.01"], "did you mean moa.router.load_balance_coef?"),
+    (train_main, ["+moa.site_router.topk=3"], "did you mean moa.site_router.top_k?"),
+    (train_main, ["trainer.maxsteps=3"], "did you mean trainer.max_steps?"),
+    (eval_main, ["batchsize=3"], "did you mean batch_size?"),
+    (export_main, ["formt=peft"], "did you mean format?"),
 ]
 
 
@@ -408,6 +438,20 @@ def test_bad_input_is_one_error_line(case: Case, finished: Path, tmp_path: Path)
     assert "Traceback" not in output, output[-3000:]
     assert snapshot(finished.parent) == before, "the finished run changed"
     assert not (work / "runs").exists() or not any((work / "runs").rglob("config.yaml"))
+
+
+@pytest.mark.parametrize(("main", "argv", "named"), NEAREST, ids=[" ".join(a) for _, a, _ in NEAREST])
+def test_unknown_keys_name_the_nearest_valid_key(main, argv: list[str], named: str, tmp_path: Path) -> None:
+    code, output = invoke(main, argv, tmp_path)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and named in errors[0], output[-2000:]
+
+
+def test_documented_free_form_maps_take_new_keys(compose) -> None:
+    """data.task_types (dataset -> LoRAMoE task type) is the user's own map: a new key is not refused."""
+    from moa_train.cli.validate import validate
+
+    validate(compose(["experiment=math_loramoe_lbc", "+data.task_types.gsm8k=1"]), "train")
 
 
 def test_console_scripts_report_the_same_way(finished: Path, tmp_path: Path) -> None:

@@ -294,9 +294,10 @@ def test_localized_balance_against_hand_computation() -> None:
     mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]])
     types = torch.tensor([1, 0])
     alpha = 0.2
-    # example 0 (type 1): importance [0.5, 0.5, 0.5, 0.5], second half x1.2, first half x0.8
-    # example 1 (type 0): importance [1.1, 0.5, 0.4, 1.0], first half x1.2, second half x0.8
-    values = torch.tensor([0.4, 0.4, 0.6, 0.6, 1.32, 0.6, 0.32, 0.8])
+    # as released: type 1 boosts the first half of the experts, type 0 the second half
+    # example 0 (type 1): importance [0.5, 0.5, 0.5, 0.5], first half x1.2, second half x0.8
+    # example 1 (type 0): importance [1.1, 0.5, 0.4, 1.0], second half x1.2, first half x0.8
+    values = torch.tensor([0.6, 0.6, 0.4, 0.4, 0.88, 0.4, 0.48, 1.2])
     cv2 = values.var() / values.mean() ** 2
     torch.testing.assert_close(aux_losses.localized_balance(w, mask, types, alpha), cv2)
 

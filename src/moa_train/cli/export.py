@@ -12,7 +12,8 @@ and have no such matrix: they are refused with the reason and the alternative (m
     moa-export checkpoint=runs/my_lora_run format=merged out=exports/my_lora_merged [dtype=bfloat16]
 
 The output is written to a temporary sibling folder and renamed into place, so ``out`` either does not
-exist or is complete; an existing non-empty ``out`` is refused, never overwritten.
+exist or is complete; an existing non-empty ``out`` is refused, never overwritten. The command line is
+Hydra's, as for moa-train and moa-eval (configs/export.yaml, help in configs/hydra/help/export.yaml).
 """
 
 from __future__ import annotations
@@ -25,26 +26,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from omegaconf import DictConfig
 from torch import nn
 
 from moa_train.core.config import MoAConfig
-from moa_train.errors import MoATrainError, entry_point
+from moa_train.errors import MoATrainError
 
-__all__ = ["FORMATS", "export", "lora_deltas", "main", "routed_reason"]
+__all__ = ["DTYPES", "FORMATS", "export", "lora_deltas", "main", "routed_reason", "run_from_config"]
 
 FORMATS = ("peft", "merged")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
-USAGE = """usage: moa-export checkpoint=<run or checkpoint dir> format=peft|merged out=<new dir> [dtype=auto]
-
-Turn a checkpoint whose experts are plain LoRA per site (the LoRA baseline, MoSLoRA, constant-gate
-LoRA compositions with router=none) into
-  format=peft    a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors) that
-                 peft.PeftModel.from_pretrained(<base model>, out) loads;
-  format=merged  a full transformers model folder with the LoRA deltas added into the base weights
-                 (for vLLM, llama.cpp conversion, TGI); dtype=auto keeps the base model's dtype.
-The base model is the one the checkpoint records. Routed mixtures (routers, prompt experts, parallel
-adapters) have no fixed weight delta: evaluate them with moa-eval, generate with MoAModel.generate.
-Docs: docs/integrations.md"""
 
 
 def routed_reason(cfg: MoAConfig) -> str | None:
@@ -222,31 +213,30 @@ def export(
     return out
 
 
-def _parse(argv: list[str]) -> dict[str, str]:
-    known = {"checkpoint", "format", "out", "dtype"}
-    values: dict[str, str] = {}
-    for arg in argv:
-        key, eq, value = arg.partition("=")
-        if not eq or key not in known:
-            raise MoATrainError(
-                f"argument {arg!r} is not one of {', '.join(sorted(k + '=' for k in known))}; see moa-export --help"
-            )
-        values[key] = value
-    missing = [k for k in ("checkpoint", "format", "out") if not values.get(k)]
+def run_from_config(cfg: DictConfig) -> Path:
+    """The ``moa-export`` job: ``cfg`` is the composed ``export`` config (configs/export.yaml), validated."""
+    missing = [k for k in ("checkpoint", "format", "out") if not cfg.get(k)]
     if missing:
         raise MoATrainError(
             f"moa-export needs {', '.join(k + '=...' for k in missing)}; see moa-export --help"
         )
-    return values
+    out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.dtype)
+    print(f"wrote {cfg.format} export of {cfg.checkpoint} to {out}")
+    return out
 
 
-@entry_point
 def main(argv: list[str] | None = None) -> None:
-    """``moa-export``: see :data:`USAGE`."""
-    argv = sys.argv[1:] if argv is None else argv
-    if any(a in ("-h", "--help", "help") for a in argv):
-        print(USAGE)
+    """``moa-export``: Hydra key=value overrides (configs/export.yaml), checked as moa-train's are.
+
+    ``argv`` replaces the command line (for tests and scripts)."""
+    from moa_train.cli.main import export_main
+
+    if argv is None:
+        export_main()
         return
-    values = _parse(argv)
-    out = export(values["checkpoint"], values["format"], values["out"], values.get("dtype", "auto"))
-    print(f"wrote {values['format']} export of {values['checkpoint']} to {out}")
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "moa-export", *argv]
+    try:
+        export_main()
+    finally:
+        sys.argv = saved

@@ -14,13 +14,16 @@ from omegaconf import OmegaConf
 
 
 def group_choices(*groups: str) -> str:
-    """One ``group: option, option, ...`` line per group (options = the packaged yaml files), wrapped."""
+    """One ``group: option, option, ...`` line per group (options = the packaged yaml files), wrapped.
+
+    ``group-option`` leaves out an option the command does not use (moa-eval: ``logger-tensorboard``)."""
     from moa_train.eval.decoding import config_dir
 
     root = config_dir()
     lines = []
-    for group in groups:
-        options = ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml")))
+    for entry in groups:
+        group, *left_out = entry.split("-")
+        options = ", ".join(sorted(p.stem for p in (root / group).glob("*.yaml") if p.stem not in left_out))
         lines.append(textwrap.fill(f"{group}: {options}", width=110, subsequent_indent="    "))
     return "\n".join(lines)
 

@@ -29,6 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import moa_train.cli.help  # noqa: F401  (registers the resolver of the --help templates)
 from moa_train import rundir
+from moa_train.cli.keys import unknown_override
 from moa_train.errors import MoATrainError, one_line, report
 
 USER_ERRORS = (MoATrainError, HydraException, OmegaConfBaseException)
@@ -72,6 +73,18 @@ def _eval(cfg: DictConfig) -> Any:
     return _job(body, cfg)
 
 
+@hydra.main(version_base="1.3", config_path="pkg://moa_train.configs", config_name="export")
+def _export(cfg: DictConfig) -> Any:
+    from moa_train.cli.export import run_from_config
+    from moa_train.cli.validate import validate
+
+    def body(cfg: DictConfig) -> Any:
+        validate(cfg, "export")  # every key and value, before the checkpoint or the model is read
+        return run_from_config(cfg)
+
+    return _job(body, cfg)
+
+
 def _job(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run a job body. A single run reports its error here, before Hydra adds its own line about the
     failed job; in a sweep the error goes back to Hydra so that the other jobs still run."""
@@ -86,12 +99,17 @@ def _job(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
 
 def train_main() -> None:
     """``moa-train``: fine-tune (with no overrides: the quickstart)."""
-    _guarded(_train)
+    _guarded(_train, "train")
 
 
 def eval_main() -> None:
     """``moa-eval``: evaluate a base model or a checkpoint."""
-    _guarded(_eval)
+    _guarded(_eval, "eval")
+
+
+def export_main() -> None:
+    """``moa-export``: a plain-LoRA checkpoint as a PEFT adapter or a merged model."""
+    _guarded(_export, "export")
 
 
 def _wants_traceback(argv: list[str]) -> bool:
@@ -109,7 +127,7 @@ def _wants_traceback(argv: list[str]) -> bool:
 _FULL_TRACEBACK = False  # decided once per invocation, before HYDRA_FULL_ERROR is set below
 
 
-def _guarded(entry: Callable[[], Any]) -> None:
+def _guarded(entry: Callable[[], Any], root: str) -> None:
     global _FULL_TRACEBACK
     full = _FULL_TRACEBACK = _wants_traceback(sys.argv[1:])
     previous = os.environ.get("HYDRA_FULL_ERROR")
@@ -132,7 +150,8 @@ def _guarded(entry: Callable[[], Any]) -> None:
         raise
     except (Exception, KeyboardInterrupt) as exc:
         rundir.remove_unused_planned()
-        report(exc, USER_ERRORS, full=full)
+        # key=value for a key the config lacks: name the nearest valid key, not Hydra's "use +key"
+        report(unknown_override(str(exc), root) or exc, USER_ERRORS, full=full)
     finally:
         rundir.remove_unused_planned()
         if previous is None:

@@ -24,6 +24,7 @@ from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from moa_train.cli.keys import check_keys
 from moa_train.core.compile import COMPILE_MODES
 from moa_train.core.config import check_moa_config
 from moa_train.errors import MoATrainError
@@ -283,6 +284,14 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Bool("base"),
         ),
     },
+    "export": {
+        "": (
+            Str("checkpoint", null=True),
+            Choice("format", "peft", "merged", null=True),
+            Str("out", null=True),
+            Choice("dtype", "auto", "float32", "bfloat16", "float16"),
+        ),
+    },
     "eval": {
         "": (
             Str("checkpoint", null=True),
@@ -461,6 +470,14 @@ def _check_compile(cfg: DictConfig) -> None:
         check_compilable(MoAConfig.from_dict(OmegaConf.to_container(moa, resolve=True)), "trainer.compile")
 
 
+def _check_eval_logger(cfg: DictConfig) -> None:
+    if _get(cfg, "logger.name") == "tensorboard":
+        raise MoATrainError(
+            "moa-eval reports to logger=wandb or logger=none; tensorboard holds training curves only "
+            "(the results are in <checkpoint>/eval/<preset>/)"
+        )
+
+
 def _check_eval_limit(cfg: DictConfig) -> None:
     """``eval.limit``: null, auto (heldout), N >= 1 items, or a fraction in (0, 1] (lm_eval)."""
     limit = _get(cfg, "eval.limit", None)
@@ -489,7 +506,8 @@ CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
         _check_quantization,
         _check_final_eval,
     ),  # fmt: skip
-    "eval": (_check_arch, _check_quantization, _check_eval_limit),
+    "eval": (_check_arch, _check_quantization, _check_eval_limit, _check_eval_logger),
+    "export": (),
 }
 
 
@@ -499,7 +517,10 @@ CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
 
 
 def validate(cfg: DictConfig, root: str = "train") -> None:
-    """Check every value of ``cfg`` (a composed ``train`` or ``eval`` config); raise one MoATrainError."""
+    """Check every key and value of ``cfg`` (a composed ``train``, ``eval`` or ``export`` config); raise
+    one MoATrainError. Keys first: a key no config of the command defines (``+trainer.max_step=10``)
+    would otherwise go unread."""
+    check_keys(cfg, root)
     for group, rules in RULES[root].items():
         node = cfg if group == "" else _get(cfg, group)
         if group and not isinstance(node, DictConfig):

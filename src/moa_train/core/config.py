@@ -36,7 +36,9 @@ GRANULARITIES = ("token", "instance")
 GROUPS = ("expert", "type")
 ACTIVATIONS = ("sigmoid", "softmax", "scaled_softmax")
 SELECTIONS = ("dense", "threshold", "topk", "topp", "adamole", "dynmole")
-BALANCE_NORMS = ("spec", "official")
+BALANCE_NORMS = ("spec", "official", "weights")
+AUX_POOLS = ("router", "layer", "model")
+AUX_LOSSES = ("load_balance", "z_loss", "entropy", "lbc")
 BALANCE_SCOPES = ("micro_batch", "global")
 THRESHOLD_GRADS = ("none", "shifted", "ste")
 SPARSE_IMPLS = ("auto", "gather", "dense")
@@ -71,9 +73,11 @@ class RouterConfig:
     keep_top_k: int = 2
     entropy_index: float = 1.1
     entropy_threshold: float = 0.9
+    entropy_eps: float = 0.0  # added to p in the Tsallis entropy, routing and loss (DynMoLE: 1e-5)
     load_balance_coef: float = 0.0
     # spec: f_e = share of (token, kept expert) assignments (method spec C.8); official: f_e = kept
-    # counts / tokens (the official Top-K code: k x the spec value) and, for AdaMoLE, P_e = mean (p - tau).
+    # counts / tokens (the official Top-K code: k x the spec value) and, for AdaMoLE, P_e = mean (p - tau);
+    # weights: f_e = mean routing weight of e (0 where not kept), with gradient (DynMoLE's release).
     balance_norm: str = "spec"
     # micro_batch: f_e from this forward; global: f_e from every micro-batch of the optimizer step so far,
     # summed over data-parallel ranks (global-batch load balance, docs/experiments.md).
@@ -84,6 +88,18 @@ class RouterConfig:
     # of the experts matching the example's task type weighted 1 + lbc_alpha, the other half 1 - lbc_alpha.
     lbc_coef: float = 0.0
     lbc_alpha: float = 0.0
+    # How the balance, z- and entropy losses pool over routers. router: one loss per router, summed over
+    # every router (the MoA spec); layer: the routers of one decoder layer pooled into one loss (their
+    # tokens stacked), summed over layers (MoLA's release); model: every router of the model pooled
+    # into one loss (MoE-PEFT's releases: MixLoRA, DynMoLE). Routers pool only with routers of the same
+    # expert count. The localized balancing constraint is always per router (LoRAMoE's release).
+    aux_pool: str = "router"
+    # Aux losses whose statistics count padded tokens too, as releases that do not mask them do
+    # (DynMoLE's entropy, MoLA's balance, LoRAMoE's constraint); the others average over real tokens.
+    aux_include_padding: list[str] = field(default_factory=list)
+    init_std: float | None = (
+        None  # None: nn.Linear's Kaiming-uniform (a = sqrt 5); x: normal(0, x) (MixLoRA 0.02)
+    )
 
     def __post_init__(self) -> None:
         _choice("router.kind", self.kind, ROUTER_KINDS)
@@ -99,6 +115,21 @@ class RouterConfig:
             raise MoATrainError(f"router.max_threshold (Γmax) must be in (0, 1], got {self.max_threshold}")
         _choice("router.balance_norm", self.balance_norm, BALANCE_NORMS)
         _choice("router.balance_scope", self.balance_scope, BALANCE_SCOPES)
+        _choice("router.aux_pool", self.aux_pool, AUX_POOLS)
+        self.aux_include_padding = list(self.aux_include_padding or [])
+        for name in self.aux_include_padding:
+            _choice("router.aux_include_padding entry", name, AUX_LOSSES)
+        if self.balance_scope == "global" and (self.aux_pool != "router" or self.balance_norm == "weights"):
+            raise MoATrainError(
+                "router.balance_scope=global counts assignments per router over the whole step; it needs "
+                "router.aux_pool=router and balance_norm spec or official"
+            )
+        if self.entropy_eps < 0:
+            raise MoATrainError(f"router.entropy_eps must be >= 0, got {self.entropy_eps}")
+        if self.init_std is not None and (self.init_std <= 0 or self.kind != "linear"):
+            raise MoATrainError(
+                f"router.init_std={self.init_std} needs router.kind=linear and a value > 0 (null: Kaiming-uniform)"
+            )
         top_ks = span_values(self.top_k, "router.top_k")
         if min(top_ks.values()) < 1:
             raise MoATrainError(f"router.top_k must be >= 1 in every layer, got {self.top_k!r}")

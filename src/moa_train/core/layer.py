@@ -22,6 +22,35 @@ from moa_train.core.routers import Router, RouterOutput
 from moa_train.core.segments import pool_segments, spread
 
 
+class PooledAux:
+    """An aux loss pooled over routers (router.aux_pool=layer or model): per pool key the summed parts of
+    its routers (token counts, probability sums, ...) and the function that turns them into one loss.
+    ``value()`` adds the pools' losses to the per-router losses of the same name (``direct``). It is
+    evaluated when read, after the forward: outside any activation-checkpointed region, whose backward
+    replay must repeat only the per-router ops."""
+
+    def __init__(self, direct: torch.Tensor | None = None) -> None:
+        self.direct = direct
+        self.groups: dict[tuple, tuple[tuple[torch.Tensor, ...], Callable[..., torch.Tensor]]] = {}
+
+    def add(self, key: tuple, parts: tuple[torch.Tensor, ...], finish: Callable[..., torch.Tensor]) -> None:
+        previous = self.groups.get(key)
+        if previous is not None:
+            parts = tuple(a + b for a, b in zip(previous[0], parts))
+        self.groups[key] = (parts, finish)
+
+    def value(self) -> torch.Tensor:
+        losses = [finish(*parts) for parts, finish in self.groups.values()]
+        if self.direct is not None:
+            losses.append(self.direct)
+        return torch.stack(losses).sum()
+
+
+def aux_value(total: torch.Tensor | PooledAux) -> torch.Tensor:
+    """The loss of one ``MoAState.aux`` entry."""
+    return total.value() if isinstance(total, PooledAux) else total
+
+
 class MoAState:
     """Per-forward facts shared by every layer of one model (set by the model-level pre-hook)."""
 
@@ -39,7 +68,8 @@ class MoAState:
         self.collect_stats = True
         self.capture: list[torch.Tensor] | None = None
         self.capture_only: set[int] | None = None  # ids of the routers to capture (None: all)
-        self.aux: dict[str, tuple[torch.Tensor, float]] = {}
+        # name -> (summed loss, or the pools of router.aux_pool=layer|model; coefficient)
+        self.aux: dict[str, tuple[torch.Tensor | PooledAux, float]] = {}
         self.task_types: torch.Tensor | None = None  # [B] 0/1 task type of each example (LoRAMoE LBC)
         # Global-batch load balance: per router, expert counts and tokens of the current optimizer step
         # (summed over ranks by step_reduce), reset by begin_step().
@@ -66,7 +96,26 @@ class MoAState:
         return packed[:-1], packed[-1]
 
     def add_aux(self, name: str, loss: torch.Tensor, coef: float) -> None:
-        total = self.aux[name][0] + loss if name in self.aux else loss
+        total = self.aux[name][0] if name in self.aux else None
+        if isinstance(total, PooledAux):
+            total.direct = loss if total.direct is None else total.direct + loss
+        else:
+            total = loss if total is None else total + loss
+        self.aux[name] = (total, coef)
+
+    def add_pooled(
+        self,
+        name: str,
+        key: tuple,
+        parts: tuple[torch.Tensor, ...],
+        finish: Callable[..., torch.Tensor],
+        coef: float,
+    ) -> None:
+        """Add one router's parts of a pooled aux loss (see PooledAux) to the pool ``key``."""
+        total = self.aux[name][0] if name in self.aux else None
+        if not isinstance(total, PooledAux):
+            total = PooledAux(total)
+        total.add(key, parts, finish)
         self.aux[name] = (total, coef)
 
     def use_gather(self, x: torch.Tensor) -> bool:

@@ -17,7 +17,8 @@ from torch import nn
 from moa_train.core.config import MoAConfig, check_moa_config
 from moa_train.core.dist import like_param
 from moa_train.core.inject import find_decoder_layers, inject, restore_attention
-from moa_train.core.layer import MoALayer, MoAState
+from moa_train.core.layer import MoALayer, MoAState, aux_value
+from moa_train.core.routers import Router
 from moa_train.core.segments import positions_from_segments
 from moa_train.core.telemetry import summarize
 from moa_train.errors import MoATrainError
@@ -52,6 +53,10 @@ class MoAModel(nn.Module):
         for param in base_model.parameters():
             param.requires_grad_(False)
         self._moa_layers, self._handles = inject(base_model, config, self._state)
+        for index, moa in enumerate(self._moa_layers):  # the pool key of router.aux_pool=layer
+            for module in () if moa is None else moa.modules():
+                if isinstance(module, Router):
+                    module.layer_index = index
         for name, param in base_model.named_parameters():
             if ADAPTER_TAG in name:
                 param.requires_grad_(True)
@@ -132,13 +137,13 @@ class MoAModel(nn.Module):
     # -- losses and telemetry ----------------------------------------------------------------------
     def aux_losses(self) -> dict[str, torch.Tensor]:
         """Unweighted aux losses of the last forward, each summed over every router (layers, sites)."""
-        return {name: total for name, (total, _) in self._state.aux.items()}
+        return {name: aux_value(total) for name, (total, _) in self._state.aux.items()}
 
     def aux_loss(self) -> torch.Tensor:
         """Sum of coefficient × aux loss for the last forward (0 when every coefficient is 0)."""
         total = torch.zeros((), device=self._device())
         for loss, coef in self._state.aux.values():
-            total = total + coef * loss
+            total = total + coef * aux_value(loss)
         return total
 
     def _primary_routers(self) -> list[tuple[int, MoALayer, nn.Module, list[str]]]:

@@ -84,7 +84,7 @@ class LoRAExperts(nn.Module):
         return self._delta(x, gate)
 
     def _delta(self, x: torch.Tensor, gate: torch.Tensor | None) -> torch.Tensor:
-        x = self._input(x)
+        raw, x = x, self._input(x)  # the router reads the un-dropped input, as every release's does
         if self.router is None:
             hidden = F.linear(x, self.A)
             if self.mixer is not None:
@@ -96,7 +96,7 @@ class LoRAExperts(nn.Module):
                 hidden = hidden * self.scale
             return F.linear(hidden, self.B)
         mask = None if self._state is None else self._state.token_mask
-        route = self.router(x, mask)
+        route = self.router(raw, mask)
         weights = route.weights if gate is None else route.weights * gate.to(route.weights.dtype)
         if route.keep is not None and self._state is not None and self._state.use_gather(x):
             return self._sparse(x, weights, route.keep)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -9,9 +11,13 @@ from torch import nn
 from moa_train.core.config import RouterConfig
 from moa_train.core.ops import autocast_off, few_rows_on_cpu
 from moa_train.core.routers import aux_losses, selection
-from moa_train.core.routers.dynmole import dynmole
+from moa_train.core.routers.dynmole import dynmole, tsallis_entropy
 from moa_train.core.telemetry import RouterTelemetry, in_backward
 from moa_train.errors import MoATrainError
+
+
+def _identity(loss: torch.Tensor) -> torch.Tensor:
+    return loss
 
 
 class RouterOutput:
@@ -71,6 +77,8 @@ class Router(nn.Module):
         self._state = state  # shared MoAState (python object, not a module)
         if cfg.kind == "linear":
             self.net = nn.Linear(in_features, num_experts, bias=cfg.bias)
+            if cfg.init_std is not None:  # MixLoRA's router: normal(0, router_init_range)
+                nn.init.normal_(self.net.weight, mean=0.0, std=cfg.init_std)
         elif cfg.kind == "swiglu":
             self.net = SwiGLUGate(in_features, cfg.hidden_mult * num_experts, num_experts, cfg.bias)
         else:
@@ -78,6 +86,7 @@ class Router(nn.Module):
         learned = (cfg.selection == "threshold" and not cfg.const_threshold) or cfg.selection == "adamole"
         self.threshold = nn.Linear(in_features, 1) if learned else None
         self.telemetry = RouterTelemetry(num_experts)
+        self.layer_index: int | None = None  # set by MoAModel: the pool key of aux_pool=layer
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> RouterOutput:
         """x: [..., in]; mask: [...] real-token weights (padding 0) for statistics and aux losses."""
@@ -118,7 +127,7 @@ class Router(nn.Module):
             weights, keep = selection.top_p(probs, cfg.top_p)
         elif cfg.selection == "dynmole":
             weights, keep = dynmole(
-                probs, cfg.top_p, cfg.keep_top_k, cfg.entropy_index, cfg.entropy_threshold
+                probs, cfg.top_p, cfg.keep_top_k, cfg.entropy_index, cfg.entropy_threshold, cfg.entropy_eps
             )
         else:  # adamole: τ = (1/E) σ(w·x + b)
             threshold = torch.sigmoid(self.threshold(x)) / num
@@ -152,18 +161,40 @@ class Router(nn.Module):
         flat_mask = None if mask is None else mask.reshape(-1).to(logits.dtype)
         if flat_mask is not None and flat_mask.numel() != logits.reshape(-1, num).shape[0]:
             flat_mask = None  # instance-level routers pool the mask away
-        losses: list[tuple[str, torch.Tensor, float]] = []
+        padded = cfg.aux_include_padding
+
+        def mask_of(name: str) -> torch.Tensor | None:
+            return None if name in padded else flat_mask
+
+        # (name, parts, finish, coef): loss = finish(*parts); pooled routers add up their parts first
+        terms: list[tuple[str, tuple[torch.Tensor, ...], Callable[..., torch.Tensor], float]] = []
         if cfg.load_balance_coef:
-            losses.append(("load_balance", self._balance(out, flat_mask, record), cfg.load_balance_coef))
+            parts, finish = self._balance(out, mask_of("load_balance"), record)
+            terms.append(("load_balance", parts, finish, cfg.load_balance_coef))
         if cfg.z_loss_coef:
-            losses.append(("z_loss", aux_losses.z_loss(logits.reshape(-1, num), flat_mask), cfg.z_loss_coef))
+            values = torch.logsumexp(logits.reshape(-1, num).float(), dim=-1).square()
+            terms.append(
+                (
+                    "z_loss",
+                    aux_losses.masked_sum(values, mask_of("z_loss")),
+                    aux_losses.ratio,
+                    cfg.z_loss_coef,
+                )
+            )
         if cfg.entropy_coef:
             probs = out.probs.reshape(-1, num)
             if cfg.selection == "dynmole":  # DynMoLE minimises the entropy it routes by
-                loss = aux_losses.tsallis(probs, flat_mask, cfg.entropy_index)
+                values = tsallis_entropy(probs, cfg.entropy_index, cfg.entropy_eps)
             else:
-                loss = aux_losses.entropy(probs, flat_mask)
-            losses.append(("entropy", loss, cfg.entropy_coef))
+                values = aux_losses.shannon(probs)
+            terms.append(
+                (
+                    "entropy",
+                    aux_losses.masked_sum(values, mask_of("entropy")),
+                    aux_losses.ratio,
+                    cfg.entropy_coef,
+                )
+            )
         if cfg.lbc_coef:
             if state.task_types is None:
                 raise MoATrainError(
@@ -171,33 +202,52 @@ class Router(nn.Module):
                     "data.task_types (see docs/experiments.md)"
                 )
             weights = out.weights.reshape(-1, *out.weights.shape[-2:])  # [B, T, E]
-            token_mask = None if mask is None else mask.reshape(weights.shape[:2])
+            token_mask = None if mask is None or "lbc" in padded else mask.reshape(weights.shape[:2])
             loss = aux_losses.localized_balance(weights, token_mask, state.task_types, cfg.lbc_alpha)
-            losses.append(("lbc", loss, cfg.lbc_coef))
-        if record:
-            for name, loss, coef in losses:
-                state.add_aux(name, loss, coef)
+            terms.append(("lbc", (loss,), _identity, cfg.lbc_coef))  # always per router (LoRAMoE)
+        pool = self._pool_key()
+        for name, parts, finish, coef in terms:
+            if pool is None or name == "lbc":
+                loss = finish(*parts)  # in the checkpoint replay too: it must repeat the forward's ops
+                if record:
+                    state.add_aux(name, loss, coef)
+            elif record:
+                state.add_pooled(name, pool, parts, finish, coef)
+
+    def _pool_key(self) -> tuple | None:
+        """Which routers' aux statistics pool together (router.aux_pool): None = this router alone."""
+        pool = self.cfg.aux_pool
+        if pool == "router":
+            return None
+        if pool == "layer":
+            return ("layer", self.layer_index, self.num_experts)
+        return ("model", self.num_experts)
 
     def _balance(
         self, out: RouterOutput, flat_mask: torch.Tensor | None, record: bool = True
-    ) -> torch.Tensor:
-        """The load-balance loss of this forward; with balance_scope=global, f_e counts every micro-batch
-        of the optimizer step so far on every data-parallel rank (MoAState.step_counts). ``record``
-        False (the checkpoint replay in backward): reuse the totals the forward stored, without adding
-        this micro-batch again or reducing over ranks (a collective in backward could deadlock)."""
+    ) -> tuple[tuple[torch.Tensor, ...], Callable[..., torch.Tensor]]:
+        """The parts of this forward's load-balance loss and the function that forms it; with
+        balance_scope=global, f_e counts every micro-batch of the optimizer step so far on every
+        data-parallel rank (MoAState.step_counts). ``record`` False (the checkpoint replay in backward):
+        reuse the totals the forward stored, without adding this micro-batch again or reducing over
+        ranks (a collective in backward could deadlock)."""
         cfg, state, num = self.cfg, self._state, self.num_experts
         probs = out.probs.reshape(-1, num)
         keep = out.keep.reshape(-1, num) if out.keep is not None else torch.ones_like(probs, dtype=torch.bool)
         official = cfg.balance_norm == "official"
         tau = out.threshold.reshape(-1, 1) if official and cfg.selection == "adamole" else None
-        counts, tokens = aux_losses.assignment_counts(keep, flat_mask, cfg.balance_norm)
+        weights = out.weights.reshape(-1, num) if cfg.balance_norm == "weights" else None
+        counts, tokens = aux_losses.assignment_counts(keep, flat_mask, cfg.balance_norm, weights)
+        if cfg.balance_norm != "weights":
+            counts, tokens = counts.detach(), tokens.detach()
         if cfg.balance_scope == "global":
             if record:
                 counts, tokens = state.accumulate_counts(self, counts, tokens)
             else:
                 totals = state.step_counts[id(self)]
                 counts, tokens = totals[:-1], totals[-1]
-        return aux_losses.balance_from(counts, tokens, aux_losses.mean_probability(probs, flat_mask, tau))
+        prob_sum, prob_tokens = aux_losses.probability_sums(probs, flat_mask, tau)
+        return (counts, tokens, prob_sum, prob_tokens), aux_losses.pooled_balance
 
     def _param_dtype(self) -> torch.dtype:
         return next(self.parameters()).dtype
