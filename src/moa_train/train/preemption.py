@@ -15,9 +15,14 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+from pathlib import Path
 from typing import Any
 
 import torch
+
+from moa_train.errors import Preempted
+from moa_train.rundir import write_summary
+from moa_train.train.checkpoint import TrainState, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -71,3 +76,28 @@ class StopSignal:
         if flag.item() and self.signum is None:
             self.signum = int(flag.item())
         return bool(flag.item())
+
+
+def stop_on_signal(
+    stop: Any, run_dir: Path, state: TrainState, logger: Any, *, saved: bool, **save: Any
+) -> None:
+    """After the optimizer step that saw a stop signal: save (if this step was not just saved), record
+    the stop in ``summary.json`` and raise Preempted (all ranks)."""
+    accelerator = save["accelerator"]
+    target = run_dir / "checkpoints" / f"step-{state.step}"
+    if not saved:
+        save_checkpoint(target, state=state, **save)
+    message = f"stopped by {stop.name} after step {state.step}; checkpoint {target}"
+    if accelerator.is_main_process:
+        log.warning(message)
+        summary = {
+            "status": "preempted",
+            "step": state.step,
+            "stop_message": message,
+            "checkpoint": str(target),
+        }
+        write_summary(run_dir, summary)
+        if logger:
+            logger.close()
+    accelerator.wait_for_everyone()
+    raise Preempted(message, run_dir)
