@@ -45,3 +45,18 @@ def test_mlflow_backend_logs_metrics_images_and_resumes(tmp_path: Path, monkeypa
     again.close()
     assert len(client.get_metric_history(run_id, "train/loss")) == 3
     assert (run_dir / "metrics.jsonl").read_text().count("train/loss") == 3  # the JSONL mirror too
+
+
+def test_logger_mlflow_without_the_client_is_refused_in_one_line(compose, monkeypatch) -> None:
+    import importlib.util
+
+    from moa_train.cli.validate import validate
+    from moa_train.errors import MoATrainError
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a)
+    )
+    with pytest.raises(MoATrainError) as err:
+        validate(compose(["experiment=tiny", "logger=mlflow"]))
+    assert 'pip install "moa_train[mlflow]"' in str(err.value) and "\n" not in str(err.value)

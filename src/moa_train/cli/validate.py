@@ -493,6 +493,16 @@ def _check_eval_limit(cfg: DictConfig) -> None:
         )
 
 
+def _check_logger(cfg: DictConfig) -> None:
+    """logger=mlflow needs the optional mlflow client; without it the logger would only warn at start."""
+    import importlib.util
+
+    if _get(cfg, "logger.name", None) == "mlflow" and importlib.util.find_spec("mlflow") is None:
+        raise MoATrainError(
+            'logger=mlflow needs the MLflow client: pip install "moa_train[mlflow]" (or pick logger=wandb|tensorboard|none)'
+        )
+
+
 CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
     "train": (
         _check_name,
@@ -505,6 +515,7 @@ CHECKS: dict[str, tuple[Callable[[DictConfig], None], ...]] = {
         _check_launcher,
         _check_quantization,
         _check_final_eval,
+        _check_logger,
     ),  # fmt: skip
     "eval": (_check_arch, _check_quantization, _check_eval_limit, _check_eval_logger),
     "export": (),
