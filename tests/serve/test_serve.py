@@ -100,7 +100,7 @@ def server(served_run: Path) -> Any:
     url = f"http://127.0.0.1:{port}"
     try:
         wait_healthy(url, thread.is_alive)
-        yield {"url": url, "port": port}
+        yield {"url": url, "port": port, "engine": engine}
     finally:
         uvicorn_server.should_exit = True
         thread.join(30)
@@ -161,6 +161,23 @@ def test_completions_and_concurrent_equal_alone(client: Any) -> None:
     assert len(set(alone)) > 4  # different prompts, different answers: the check can fail
     usage = client.completions.create(model=name, prompt=PROMPTS[0], max_tokens=10).usage
     assert usage.completion_tokens == 10 or usage.completion_tokens < 10
+
+
+def test_a_client_that_disconnects_cancels_its_stream(server: dict) -> None:
+    import http.client
+
+    engine = server["engine"]
+    before = engine.stats["generated_tokens"]
+    connection = http.client.HTTPConnection("127.0.0.1", server["port"], timeout=60)
+    body = json.dumps({"prompt": "hi", "max_tokens": 1800, "stream": True})
+    connection.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    assert connection.getresponse().readline().startswith(b"data: ")  # generating
+    connection.sock.close()
+    connection.close()
+    deadline = time.monotonic() + 60
+    while engine.stats["generated_tokens"] == before and time.monotonic() < deadline:
+        time.sleep(0.05)  # the batch ends once the cancel is seen
+    assert 0 < engine.stats["generated_tokens"] - before < 1800
 
 
 def test_router_extension_field(server: dict) -> None:
