@@ -22,8 +22,7 @@ import pytest
 
 from conftest import run_cli
 from moa_train.bench import main as bench_main
-from moa_train.cli.export import main as export_main
-from moa_train.cli.main import eval_main, train_main
+from moa_train.cli.main import eval_main, export_main, train_main
 from moa_train.report import main as report_main
 
 RUN = [

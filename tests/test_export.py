@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from moa_train import MoAConfig, get_moa_model
-from moa_train.cli.export import export, main
+from moa_train.cli.export import export
+from moa_train.cli.main import export_main as main
 from moa_train.core.model import MoAModel
 from moa_train.errors import MoATrainError
 from moa_train.models.base import load_base_model

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +31,7 @@ from torch import nn
 from moa_train.core.config import MoAConfig
 from moa_train.errors import MoATrainError
 
-__all__ = ["DTYPES", "FORMATS", "export", "lora_deltas", "main", "routed_reason", "run_from_config"]
+__all__ = ["DTYPES", "FORMATS", "export", "lora_deltas", "routed_reason", "run_from_config"]
 
 FORMATS = ("peft", "merged")
 DTYPES = ("auto", "float32", "bfloat16", "float16")
@@ -223,20 +222,3 @@ def run_from_config(cfg: DictConfig) -> Path:
     out = export(cfg.checkpoint, cfg.format, cfg.out, cfg.dtype)
     print(f"wrote {cfg.format} export of {cfg.checkpoint} to {out}")
     return out
-
-
-def main(argv: list[str] | None = None) -> None:
-    """``moa-export``: Hydra key=value overrides (configs/export.yaml), checked as moa-train's are.
-
-    ``argv`` replaces the command line (for tests and scripts)."""
-    from moa_train.cli.main import export_main
-
-    if argv is None:
-        export_main()
-        return
-    saved = sys.argv
-    sys.argv = [saved[0] if saved else "moa-export", *argv]
-    try:
-        export_main()
-    finally:
-        sys.argv = saved

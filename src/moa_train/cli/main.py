@@ -107,9 +107,19 @@ def eval_main() -> None:
     _guarded(_eval, "eval")
 
 
-def export_main() -> None:
-    """``moa-export``: a plain-LoRA checkpoint as a PEFT adapter or a merged model."""
-    _guarded(_export, "export")
+def export_main(argv: list[str] | None = None) -> None:
+    """``moa-export``: a plain-LoRA checkpoint as a PEFT adapter or a merged model (Hydra key=value
+    overrides, configs/export.yaml, checked as moa-train's are). ``argv`` replaces the command line (for
+    tests and scripts)."""
+    if argv is None:
+        _guarded(_export, "export")
+        return
+    saved = sys.argv
+    sys.argv = [saved[0] if saved else "moa-export", *argv]
+    try:
+        _guarded(_export, "export")
+    finally:
+        sys.argv = saved
 
 
 def _wants_traceback(argv: list[str]) -> bool:
