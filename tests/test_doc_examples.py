@@ -1,0 +1,229 @@
+"""Every command shown to users works: the examples of each ``--help`` and each command in the code blocks
+of README.md and docs/*.md.
+
+Fast (default suite): each moa-* command composes and passes validation in-process (its keys exist,
+its values are in range) -- the check that catches a wrong key such as ``router.load_balance_coef``.
+Slow: each command that can run offline on a CPU runs as a subprocess and must exit 0: moa-train as a
+dry run (validation, model build, parameter count; long runs stay long otherwise), moa-eval / moa-export /
+moa-report on a tiny run made here. A documented command that cannot run here says so on its own line
+with a comment starting ``# needs`` (e.g. ``# needs 8 GPUs``); those are composed and validated only.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_module
+from hydra.core.global_hydra import GlobalHydra
+
+from conftest import FIXTURES, REPO, run_cli
+from moa_train.cli.keys import check_keys, unknown_override
+from moa_train.cli.validate import validate
+from moa_train.errors import one_line
+
+DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+HELP_COMMANDS = ("moa-train", "moa-eval", "moa-export")
+ROOTS = {"moa-train": "train", "moa-eval": "eval", "moa-export": "export", "moa-generate": "generate",
+         "moa-chat": "chat", "moa-serve": "serve"}  # fmt: skip
+RUN_HERE = ("moa-train", "moa-eval", "moa-export", "moa-report")  # the others: tests/serve/
+VALIDATED = {"train", "eval", "export"}  # roots with a rule table in cli/validate.py
+PLACEHOLDER = re.compile(r"<[^<>\s]+(?: [^<>\s]+)*>")
+
+
+def _logical_lines(block: str) -> list[str]:
+    """Lines of a code block with trailing-backslash continuations joined."""
+    lines, current = [], ""
+    for raw in block.splitlines():
+        line = raw.rstrip()
+        if line.endswith("\\"):
+            current += line[:-1] + " "
+            continue
+        lines.append(current + line)
+        current = ""
+    if current:
+        lines.append(current)
+    return lines
+
+
+def doc_commands() -> list[tuple[str, str, str]]:
+    """(file:line label, command without its comment, the comment) for every moa-* command in a code block.
+
+    A command whose next line in the block starts with ``error:`` is an example of an error: its comment
+    is that line."""
+    found = []
+    for path in DOCS:
+        text = path.read_text(encoding="utf-8")
+        for match in re.finditer(r"```[a-z]*\n(.*?)```", text, re.S):
+            start = text[: match.start()].count("\n") + 2
+            lines = _logical_lines(match.group(1))
+            for offset, line in enumerate(lines):
+                stripped = line.strip().removeprefix("$ ")
+                if not stripped.startswith("moa-"):
+                    continue
+                command, _, comment = stripped.partition(" #")
+                following = lines[offset + 1].strip() if offset + 1 < len(lines) else ""
+                if following.startswith("error:"):
+                    comment = following
+                found.append((f"{path.name}:{start + offset}", command.strip(), comment.strip()))
+    return found
+
+
+def help_commands() -> list[tuple[str, str, str]]:
+    """Example lines (and the key=value list of the "Any value" line) of each command's --help."""
+    found = []
+    for command in HELP_COMMANDS:
+        done = run_cli(command, "--help", cwd=REPO)
+        assert done.returncode == 0, done.stderr
+        for line in done.stdout.splitlines():
+            stripped = line.strip()
+            if stripped.startswith(command + " ") or stripped == command:
+                text, _, comment = stripped.partition(" #")
+                found.append((f"{command} --help", text.strip(), comment.strip()))
+            if stripped.startswith("Any value: key=value ("):
+                inner = stripped.split("(", 1)[1].split(")", 1)[0]
+                for pair in inner.split(", "):
+                    found.append((f"{command} --help", f"{command} {pair}", ""))
+    return found
+
+
+def _overrides(command: str) -> tuple[str, list[str]]:
+    """(command name, its Hydra overrides) with placeholders such as <timestamp> filled in."""
+    tokens = shlex.split(PLACEHOLDER.sub("x", command))
+    name, args = tokens[0], [t for t in tokens[1:] if t not in ("...", "-m", "--multirun")]
+    return name, [a for a in args if "=" in a]
+
+
+def _sweep_first(overrides: list[str]) -> list[str]:
+    """A sweep's first job: a,b,c -> a (lists in [...] stay whole)."""
+    return [o if "[" in o else o.split(",")[0] for o in overrides]
+
+
+def _composes(command: str) -> None:
+    name, overrides = _overrides(command)
+    root = ROOTS.get(name)
+    if root is None:
+        return
+    cfg = compose(root, overrides=_sweep_first(overrides))
+    check_keys(cfg, root)
+    if root in VALIDATED:
+        validate(cfg, root)
+
+
+def _check(label: str, command: str, comment: str, failures: list[str]) -> None:
+    """Compose and validate ``command``; an error example must fail with its documented line."""
+    try:
+        _composes(command)
+    except Exception as exc:  # collect all, report every broken example at once
+        root = ROOTS.get(command.split()[0], "train")
+        line = one_line(unknown_override(str(exc), root) or exc)  # as the console script prints it
+        if not comment.startswith("error:"):
+            failures.append(f"{label}: {command}: {line}")
+        elif comment.removeprefix("error: ").split(";")[0] not in line:
+            failures.append(f"{label}: {command}: printed {line!r}, the docs show {comment!r}")
+        return
+    if comment.startswith("error:"):
+        failures.append(f"{label}: {command}: the docs show an error, but it composes and validates")
+
+
+# ---- fast: every documented command composes and validates ------------------------------------------------
+
+
+@pytest.fixture
+def hydra_configs():
+    """Hydra initialised once per test on the packaged configs (composing is then cheap); function
+    scope, after conftest's autouse fixture has cleared Hydra's singletons."""
+    import moa_train.cli.main  # noqa: F401  (registers the run-dir resolvers used by configs/hydra)
+
+    GlobalHydra.instance().clear()
+    with initialize_config_module("moa_train.configs", version_base="1.3"):
+        yield
+    GlobalHydra.instance().clear()
+
+
+def test_documented_commands_compose_and_validate(hydra_configs) -> None:
+    commands, failures = doc_commands(), []
+    assert len(commands) > 40  # README and docs/ hold about 60
+    for label, command, comment in commands:
+        _check(label, command, comment, failures)
+    assert not failures, "\n".join(failures)
+
+
+def test_help_examples_compose_and_validate(hydra_configs) -> None:
+    commands = help_commands()
+    assert {c.split()[0] for _, c, _ in commands} == set(HELP_COMMANDS)
+    failures: list[str] = []
+    for label, command, comment in commands:
+        _check(label, command, comment, failures)
+    assert not failures, "\n".join(failures)
+
+
+# ---- slow: the commands run ------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """A tiny MoA run, a tiny LoRA run (exportable) and a tiny two-job sweep, made once."""
+    root = tmp_path_factory.mktemp("doc_examples")
+    runs = {"moa": root / "runs" / "moa", "lora": root / "runs" / "lora"}
+    for key, extra in (("moa", []), ("lora", ["experts=lora_r16", "router=none"])):
+        done = run_cli("moa-train", "experiment=tiny", *extra, f"hydra.run.dir={runs[key]}", cwd=root)
+        assert done.returncode == 0, done.stderr[-2000:]
+    done = run_cli("moa-train", "-m", "experiment=tiny", "seed=0,1", "final_eval.enabled=false",
+                   f"hydra.sweep.dir={root / 'multirun'}", cwd=root)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs["sweep"] = root / "multirun"
+    runs["cwd"] = root
+    return runs
+
+
+def runnable(command: str, runs: dict[str, Path]) -> list[str]:
+    """The argv that runs ``command`` here: checkpoints and runs are the tiny ones made here, the
+    LLM-Adapters folder is the test slice, repository paths are absolute; moa-train runs as a dry run
+    (validation, model build, parameter count) and moa-eval on 2 items per dataset."""
+    argv = shlex.split(PLACEHOLDER.sub("x", command))
+    name, out = argv[0], [argv[0]]
+    for arg in argv[1:]:
+        key, eq, value = arg.partition("=")
+        if key in ("checkpoint", "resume") and value not in ("", "null"):
+            base = runs["lora" if name == "moa-export" else "moa"]
+            parts = []
+            for one in value.split(","):  # a -m list
+                tail = "/final" if one.rstrip("/").endswith("final") else ""
+                tail = "/checkpoints/step-8" if "/checkpoints/" in one else tail
+                parts.append(f"{base}{tail}")
+            arg = f"{key}={','.join(parts)}"
+        elif eq and ("LLM-Adapters" in value or "llm_adapters" in value):
+            arg = re.sub(
+                r"[^\[\],=]*(LLM-Adapters/dataset|llm_adapters)", str(FIXTURES / "llm_adapters"), arg
+            )
+        elif eq and value.startswith("tests/"):
+            arg = f"{key}={REPO / value}"
+        elif name == "moa-report" and not arg.startswith("-"):
+            arg = str(runs["sweep"])
+        if arg != "...":
+            out.append(arg)
+    if name == "moa-train" and not {"--help", "--cfg"} & set(out) and "dry_run=true" not in out:
+        out.append("dry_run=true")
+    if name == "moa-eval":
+        out += ["eval.limit=2", "eval.skip_missing=true"] if "eval=commonsense8" in out else ["eval.limit=2"]
+    return out
+
+
+@pytest.mark.slow
+def test_documented_commands_run(tiny_runs: dict[str, Path]) -> None:
+    import shutil
+
+    failures, ran = [], 0
+    for label, command, comment in doc_commands() + help_commands():
+        if comment.startswith(("needs", "error:")) or command.split()[0] not in RUN_HERE:
+            continue
+        argv = runnable(command, tiny_runs)
+        shutil.rmtree(tiny_runs["cwd"] / "exports", ignore_errors=True)  # export refuses a non-empty out
+        done = run_cli(argv[0], *argv[1:], cwd=tiny_runs["cwd"])
+        ran += 1
+        if done.returncode != 0:
+            failures.append(f"{label}: {' '.join(argv)}: {done.stderr.strip()[-400:]}")
+    assert ran > 30 and not failures, "\n".join(failures)
