@@ -76,6 +76,7 @@ IMAGE = frozenset(canonicalize_name(n) for n in IMAGE_PACKAGES.split())
 GROUPS = ("core", "quant", "loggers", "sweep")
 ROOTS = {"quant": ["bitsandbytes"]}  # an extra of moa_train (model.quantization=nf4|fp4|int8): the nf4 steps
 LOGGERS = {"wandb", "mlflow-skinny", "mlflow"}  # logger=wandb|mlflow; the check runs with logger=none
+SWEEP = {"optuna", "sqlalchemy", "alembic"}  # moa_train pins these for the Optuna sweeper's study storage
 
 
 def route(name: str) -> str | None:
@@ -84,8 +85,8 @@ def route(name: str) -> str | None:
         return "quant"
     if name in LOGGERS:
         return "loggers"
-    if name.startswith("hydra-") and name.endswith(("-launcher", "-sweeper")):  # `moa-train -m hydra/...`
-        return "sweep"
+    if name.startswith("hydra-") and name.endswith(("-launcher", "-sweeper")) or name in SWEEP:
+        return "sweep"  # `moa-train -m hydra/launcher=... hydra/sweeper=optuna`
     return None
 
 
@@ -139,6 +140,7 @@ class Builder:
         self.env = target_environment(args.python_version)
         self.pins = installed_versions(args.pins_from) if args.pins_from else {}
         self.have: dict[str, tuple[str, str]] = {}  # name -> (group, version)
+        self.left_out: dict[str, str] = {}  # dependency of a group not built here -> that group
         self.from_image: dict[
             str, set[str]
         ] = {}  # image package -> the specifiers the kit's wheels ask of it
@@ -196,6 +198,7 @@ class Builder:
             group, req = queue.pop(0)
             name = canonicalize_name(req.name)
             if group not in self.args.groups:
+                self.left_out.setdefault(name, group)
                 continue
             if name in IMAGE:
                 self.from_image.setdefault(name, set()).add(str(req.specifier))
@@ -217,21 +220,28 @@ def _wheel_prefix(name: str) -> str:
     return re.sub(r"[-_.]+", "_", name)
 
 
-def build_moa_wheel(python: str, dest: Path) -> Path:
-    """moa_train as a wheel of this checkout (configs included as moa_train.configs)."""
+def build_moa_wheel(python: str, source: Path, dest: Path) -> Path:
+    """moa_train as a wheel of ``source`` (configs included as moa_train.configs)."""
     with tempfile.TemporaryDirectory() as tmp:
-        # a copy of the tracked + untracked-not-ignored files: build/ and *.egg-info never reach the checkout
-        files = subprocess.run(
-            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-            cwd=REPO, check=True, capture_output=True,
-        ).stdout.decode().split("\0")  # fmt: skip
-        src = Path(tmp) / "src"
-        for rel in filter(None, files):
-            if (REPO / rel).is_file():
-                (src / rel).parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(REPO / rel, src / rel)
+        # build from a copy of what the device call sends (tracked + untracked-not-ignored files in a git
+        # checkout): build/ and *.egg-info never reach the source, ignored files never reach the wheel
+        copy = Path(tmp) / "src"
+        listed = subprocess.run(
+            ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source, capture_output=True
+        )  # fmt: skip
+        if listed.returncode == 0:
+            for rel in filter(None, listed.stdout.decode().split("\0")):
+                if (source / rel).is_file():
+                    (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(source / rel, copy / rel)
+        else:  # not a git checkout (a copy of one): everything but build outputs
+            shutil.copytree(
+                source,
+                copy,
+                ignore=shutil.ignore_patterns(".git", "__pycache__", "*.egg-info", "build", ".*"),
+            )
         res = subprocess.run(
-            [python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(src)],
+            [python, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp), str(copy)],
             capture_output=True, text=True,
         )  # fmt: skip
         if res.returncode != 0:
@@ -255,26 +265,42 @@ def build_tokenizer(python: str, dest: Path) -> None:
         shutil.copytree(Path(res.stdout.strip().splitlines()[-1]), dest)
 
 
-def source_state() -> dict[str, str]:
-    """Commit and a hash of the uncommitted changes: gpu_check.sh warns when the checkout moved on."""
+def source_state(source: Path) -> dict[str, str]:
+    """Commit and a hash of the packaged sources: gpu_check.sh warns when the checkout moved on."""
     head = subprocess.run(
-        ["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ["git", "rev-parse", "HEAD"], cwd=source, capture_output=True, text=True
     ).stdout.strip()
-    return {"commit": head, "tree_hash": tree_hash()}
+    return {"commit": head, "tree_hash": tree_hash(source)}
 
 
-def tree_hash() -> str:
-    """sha256 over the packaged sources (src/, configs/, pyproject.toml) as they are on disk."""
+def tree_hash(root: Path = REPO) -> str:
+    """sha256 over the packaged sources as they are on disk: pyproject.toml, src/**/*.py, configs/**/*.yaml.
+
+    No git needed: the device call sends the files without the repository."""
     digest = hashlib.sha256()
-    paths = [
-        REPO / "pyproject.toml",
-        *sorted((REPO / "src").rglob("*.py")),
-        *sorted((REPO / "configs").rglob("*")),
-    ]
-    for path in paths:
-        if path.is_file() and "__pycache__" not in path.parts:
-            digest.update(str(path.relative_to(REPO)).encode() + b"\0" + path.read_bytes())
+    paths = [root / "pyproject.toml", *(root / "src").rglob("*.py"), *(root / "configs").rglob("*.yaml")]
+    for path in sorted(paths):
+        if (
+            path.is_file()
+            and "__pycache__" not in path.parts
+            and not any(p.endswith(".egg-info") for p in path.parts)
+        ):
+            digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def working_tree_bytes(source: Path) -> int:
+    """Bytes of what a device call sends besides the kit: tracked and untracked-not-ignored files (0 off git)."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=source, capture_output=True
+    )  # fmt: skip
+    if listed.returncode != 0:
+        return 0
+    return sum(
+        (source / rel).stat().st_size
+        for rel in listed.stdout.decode().split("\0")
+        if rel and (source / rel).is_file()
+    )
 
 
 def size(path: Path) -> int:
@@ -298,19 +324,22 @@ def report(out: Path, limit_mib: float, builder: Builder) -> dict[str, Any]:
     calls.update({g: ["core", g] for g in groups if g not in CHECK_CALL})
     manifest = {
         "python_version": builder.args.python_version, "platform": builder.args.platform,
-        "source": source_state(), "groups": groups,
+        "source": source_state(builder.args.source), "groups": groups,
         "calls": {k: {"groups": v, "bytes": sum(groups[g]["bytes"] for g in v)} for k, v in calls.items()},
         "packages": {n: {"group": g, "version": v} for n, (g, v) in sorted(builder.have.items())},
+        "groups_not_built": {n: g for n, g in sorted(builder.left_out.items()) if n not in builder.have},
         # what the kit expects the image to provide (the CPU rehearsal installs exactly these)
         "image_requirements": {n: ",".join(sorted(filter(None, specs))) for n, specs in sorted(builder.from_image.items())},
     }  # fmt: skip
     (out / "core" / "manifest.json").write_text(json.dumps(manifest, indent=1) + "\n")
     failed = False
+    tree = working_tree_bytes(builder.args.source)
     for call, info in manifest["calls"].items():
         mib = info["bytes"] / MIB
         ok = mib <= limit_mib
         failed |= not ok
-        print(f"  call {call}: carries {' + '.join(info['groups'])} = {mib:.2f} MiB (limit {limit_mib:g} MiB)"
+        with_tree = f"; with the {tree / MIB:.1f} MiB working tree {(info['bytes'] + tree) / MIB:.1f} of the 64 MiB a call sends" if tree else ""  # fmt: skip
+        print(f"  call {call}: carries {' + '.join(info['groups'])} = {mib:.2f} MiB (limit {limit_mib:g} MiB){with_tree}"
               f"{'' if ok else '  <-- OVER THE LIMIT'}")  # fmt: skip
     if failed:
         sys.exit(
@@ -322,6 +351,9 @@ def report(out: Path, limit_mib: float, builder: Builder) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=REPO / ".device_kit")
+    parser.add_argument(
+        "--source", type=Path, default=REPO, help="the checkout whose moa_train goes in the kit"
+    )
     parser.add_argument("--python-version", default="3.12")
     parser.add_argument("--platform", action="append", default=None)
     parser.add_argument("--build-python", default=sys.executable, help="runs pip, builds the wheels")
@@ -342,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     (out / "core").mkdir(parents=True)
     builder = Builder(args)
     print(f"device kit for CPython {args.python_version} ({args.platform[0]}, ...) in {out}", flush=True)
-    moa_wheel = build_moa_wheel(args.build_python, out / "core")
+    moa_wheel = build_moa_wheel(args.build_python, args.source, out / "core")
     builder.resolve(out, moa_wheel)
     build_tokenizer(args.build_python, out / "core" / TOKENIZER_DIR)
     shutil.rmtree(builder.cache, ignore_errors=True)

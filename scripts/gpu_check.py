@@ -145,9 +145,11 @@ def left_out_of_kit(manifests: list[Path]) -> dict[str, str]:
     out = {}
     for manifest in manifests:
         root = manifest.resolve().parent.parent
-        for name, info in json.loads(manifest.read_text()).get("packages", {}).items():
+        data = json.loads(manifest.read_text())
+        for name, info in data.get("packages", {}).items():
             if not any((root / info["group"]).glob("*.whl")):
                 out[name] = info["group"]
+        out.update(data.get("groups_not_built", {}))  # a kit built with fewer --groups
     return out
 
 
@@ -281,11 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     mer.add_argument("--seconds", type=float, default=0.0)
     args = parser.parse_args(argv)
     if args.command in ("env", "generate"):
-        result = (
-            environment(args.device)
-            if args.command == "env"
-            else generate_check(args.device, args.new_tokens)
-        )
+        if args.command == "env":
+            result = environment(args.device, args.manifest)
+        else:
+            result = generate_check(args.device, args.new_tokens)
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(result, indent=1) + "\n")
         print(json.dumps(result, indent=1))

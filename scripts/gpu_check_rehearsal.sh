@@ -47,7 +47,7 @@ done
 if [ -n "${REHEARSAL_KIT:-}" ]; then  # a kit built earlier for this Python
   cp -r "$REHEARSAL_KIT" "$TREE/.device_kit"
 else
-  scripts/device_kit.sh --python-version "$PYV" --groups core,quant --out "$TREE/.device_kit"
+  scripts/device_kit.sh --python-version "$PYV" --groups core,quant --source "$TREE" --out "$TREE/.device_kit"
 fi
 # the image packages the kit's wheels need (numpy, pandas, pyarrow, peft, requests, ...), as the image has them
 mapfile -t FROM_IMAGE < <("$IMG/bin/python" -c '

@@ -103,6 +103,8 @@ def test_dependency_walk_groups_and_stops_at_the_image(tmp_path, monkeypatch):
     out2 = tmp_path / "kit2"
     builder.resolve(out2, make_wheel(out2 / "core", "moa_train", "0.1.0", ["wandb", "hydra-core"]))
     assert "wandb" not in fetched and "pydantic" not in fetched and "hydra-core" in fetched
+    # the manifest says so, and gpu_check's env step then expects wandb to be absent
+    assert builder.left_out == {"wandb": "loggers"}
 
 
 def test_kit_over_the_limit_fails_and_names_the_call(tmp_path, capsys):
@@ -112,7 +114,7 @@ def test_kit_over_the_limit_fails_and_names_the_call(tmp_path, capsys):
         with open(out / group / f"{group}.whl", "wb") as f:
             f.truncate(mib * device_kit.MIB)  # sparse: the size is what counts
     args = argparse.Namespace(python_version="3.12", platform=["manylinux_2_28_x86_64"], pins_from=None,
-                              groups=["core", "quant", "loggers"])  # fmt: skip
+                              groups=["core", "quant", "loggers"], source=REPO)  # fmt: skip
     builder = device_kit.Builder(args)
     manifest = device_kit.report(out, 60, builder)
     assert manifest["calls"]["gpu_check"]["bytes"] == 55 * device_kit.MIB
@@ -175,3 +177,20 @@ def test_rehearsal_of_the_device_call(tmp_path):
     )  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "rehearsal passed" in proc.stdout
+
+
+def test_scripts_import_what_exists():
+    """gpu_check.py and device_kit.py reach into moa_train (the model loader, the tokenizer conversion):
+    a module move must move these imports too, or the GPU check would fail on the device, not here."""
+    import importlib
+    import re
+
+    found = 0
+    for script in ("gpu_check.py", "device_kit.py"):
+        text = (REPO / "scripts" / script).read_text()
+        for module, names in re.findall(r"from (moa_train[\w.]*) import ([\w, ]+)", text):
+            imported = importlib.import_module(module)
+            for name in names.split(","):
+                assert hasattr(imported, name.strip()), f"{script}: {module} has no {name.strip()}"
+                found += 1
+    assert found >= 4  # load_base_model, smollm2_dir, smollm2_tokenizer_dir, MoAConfig, get_moa_model
