@@ -11,10 +11,10 @@ from moa_train.data.streaming import JsonlStream, StreamPosition
 from moa_train.errors import MoATrainError
 
 
-def _convert(item, where):
+def _convert(item, path, index):
     if "n" not in item:
-        raise MoATrainError(f"{where}: no 'n'")
-    return dict(item)
+        raise MoATrainError(f"{path}: record {index} has no 'n'")
+    return dict(item, at=(Path(path).name, index))
 
 
 def _files(tmp_path: Path) -> list[Path]:
@@ -30,6 +30,8 @@ def test_stream_order_epochs_and_resume_from_a_saved_position(tmp_path: Path) ->
     seen = [r["n"] for _ in range(5) for r in stream.take(3)]
     assert seen == [0, 1, 2, 3, 4, 5, 6, 0, 1, 2, 3, 4, 5, 6, 0]
     assert stream.position.epoch == 2
+    at = [r["at"] for r in JsonlStream(paths, _convert).take(6)][3:]
+    assert at == [("a.jsonl", 3), ("b.jsonl", 0), ("b.jsonl", 1)]
     first = JsonlStream(paths, _convert)
     first.take(5)
     saved = json.loads(json.dumps(first.position.to_dict()))  # as a checkpoint stores it
@@ -50,7 +52,7 @@ def test_stream_bad_inputs(tmp_path: Path) -> None:
         JsonlStream(paths, _convert, StreamPosition(file=5))
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"n": 1}\n{"n": \n')
-    with pytest.raises(MoATrainError, match=r"broken.jsonl byte 9 \(record 2 of epoch 0\): not valid JSON"):
+    with pytest.raises(MoATrainError, match=r"broken.jsonl: record 1 \(byte 9\) is not valid JSON"):
         JsonlStream([broken], _convert).take(2)
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n\n")

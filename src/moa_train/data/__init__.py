@@ -201,6 +201,19 @@ def _load_generated(cfg: Any, name: str, source: str) -> dict[str, list[dict[str
     return _name_datasets(splits, name)
 
 
+def _stream_split(cfg: Any, name: str) -> list[dict[str, Any]]:
+    """data.streaming: no training record is read here; the files are checked (a missing one fails now)."""
+    hint = cfg_value(cfg, "missing_hint", "")
+    if not _resolve_paths(cfg, "train_path", name, f"; {hint}" if hint else ""):
+        raise MoATrainError(f"data.train_path is required for data={name}")
+    return []
+
+
+def stream_paths(cfg: Any) -> list[Path]:
+    """The training files of ``data.train_path`` (relative entries under ``data.data_dir``), checked."""
+    return _resolve_paths(cfg, "train_path", str(cfg_value(cfg, "name", "data")), "")
+
+
 def cap_per_dataset(records: list[dict[str, Any]], cap: int) -> list[dict[str, Any]]:
     """The first ``cap`` records of each ``dataset`` (order kept), so a cap never drops a whole test set."""
     seen: dict[str, int] = {}
@@ -228,8 +241,11 @@ def load_splits(data_cfg: Any) -> dict[str, list[dict[str, Any]]]:
     if source in ("arithmetic", "packaged", "bigbench"):
         splits = _load_generated(data_cfg, name, source)
     elif source == "json":
+        streaming = bool(cfg_value(data_cfg, "streaming", False))  # read as consumed (data/streaming.py)
         splits = {
-            "train": _load_json_split(data_cfg, "train_path", name, "train", answer_type),
+            "train": _stream_split(data_cfg, name)
+            if streaming
+            else _load_json_split(data_cfg, "train_path", name, "train", answer_type),
             "test": _load_json_split(data_cfg, "test_path", name, "test", answer_type),
         }
     elif source == "hub":

@@ -166,3 +166,8 @@ def check_flags(cfg: Any) -> None:
             )
         if lbc:
             raise MoATrainError("data.streaming=true cannot assign task types (router.lbc_coef > 0)")
+        if (cfg.get("scheduler") or {}).get("warmup_epochs") is not None:
+            raise MoATrainError(
+                "data.streaming=true has no epochs to count warmup in: set scheduler.warmup_epochs=null "
+                "scheduler.warmup_steps=<N>"
+            )

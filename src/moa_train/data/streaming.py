@@ -28,7 +28,7 @@ from moa_train.errors import MoATrainError
 @dataclass
 class StreamPosition:
     """The next record to read: ``file`` index in the list, ``offset`` in bytes, ``records`` read so far
-    in this epoch (for messages), ``epoch`` (passes over all files done)."""
+    from that file (the next record's index in it), ``epoch`` (passes over all files done)."""
 
     epoch: int = 0
     file: int = 0
@@ -49,13 +49,13 @@ class StreamPosition:
 
 
 class JsonlStream:
-    """The records of JSONL ``paths``, in order, cycling over epochs; ``convert(item, where)`` validates
-    each raw item into a record (one-line errors name the file and line)."""
+    """The records of JSONL ``paths``, in order, cycling over epochs; ``convert(item, path, index)``
+    validates each raw item into a record (one-line errors name the file and the record's index)."""
 
     def __init__(
         self,
         paths: Sequence[str | Path],
-        convert: Callable[[Any, str], dict[str, Any]],
+        convert: Callable[[Any, str, int], dict[str, Any]],
         position: StreamPosition | None = None,
     ) -> None:
         self.paths = [Path(p) for p in paths]
@@ -93,22 +93,43 @@ class JsonlStream:
                     pos.offset += len(raw)
                     if not raw.strip():
                         continue
+                    index = pos.records
                     pos.records += 1
-                    where = f"{path} byte {line_start} (record {pos.records} of epoch {pos.epoch})"
                     try:
                         item = json.loads(raw)
                     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
                         raise MoATrainError(
-                            f"{where}: not valid JSON ({exc}); fix or remove the line"
+                            f"{path}: record {index} (byte {line_start}) is not valid JSON ({exc}); fix or remove it"
                         ) from None
-                    out.append(self.convert(item, where))
+                    out.append(self.convert(item, str(path), index))
                     empty_pass = False
             if len(out) < count:  # end of this file: next file, or the next epoch
-                pos.file, pos.offset = pos.file + 1, 0
+                pos.file, pos.offset, pos.records = pos.file + 1, 0, 0
                 if pos.file == len(self.paths):
                     if empty_pass:
                         raise MoATrainError(
                             f"data.train_path {[str(p) for p in self.paths]} holds no records"
                         )
-                    pos.epoch, pos.file, pos.records, empty_pass = pos.epoch + 1, 0, 0, True
+                    pos.epoch, pos.file, empty_pass = pos.epoch + 1, 0, True
         return out
+
+
+def record_converter(data_cfg: Any) -> Callable[[Any, str, int], dict[str, Any]]:
+    """``convert(item, path, index)`` for :class:`JsonlStream`: the checks of in-memory records
+    (``validate_record``, chat records included), then ``dataset`` (``data.name``) and ``answer_type``
+    (``data.answer_type``, the record's own, else inferred from the dataset name: a stream's answers are
+    not all known up front)."""
+    from moa_train.data import cfg_value
+    from moa_train.data.records import infer_answer_type, validate_record
+
+    name = str(cfg_value(data_cfg, "name", "data"))
+    answer_type = cfg_value(data_cfg, "answer_type")
+    inferred = answer_type or infer_answer_type(name)
+
+    def convert(item: Any, path: str, index: int) -> dict[str, Any]:
+        record = validate_record(item, index, path, "train")
+        record["dataset"] = name
+        record["answer_type"] = answer_type or record.get("answer_type") or inferred
+        return record
+
+    return convert

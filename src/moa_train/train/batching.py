@@ -51,7 +51,6 @@ class BatchPlan:
         )
         log.info("training examples: %s", stats)
         self.lengths = [len(e["input_ids"]) for e in self.examples]
-        # labels are compared with the next token: position 0 never has a target
         self.packing = bool(dc.get("packing", False))
         if self.packing:  # rows of whole examples, each isolated from the others (data/packing.py)
             from moa_train.data.packing import PackedCollator, pack_examples
@@ -64,7 +63,6 @@ class BatchPlan:
                 dc.max_len,
             )
             self.lengths = [len(e["input_ids"]) for e in self.examples]
-        self.targets = [sum(1 for t in e["labels"][1:] if t != -100) for e in self.examples]
         self.collate = (
             PackedCollator(tokenizer.pad_token_id) if self.packing else TrainCollator(tokenizer.pad_token_id)
         )
@@ -112,20 +110,31 @@ class BatchPlan:
             self._order = (epoch, order)
         return self._order[1]
 
+    def resume(self, state: Any) -> None:
+        """Nothing to restore: the plan of step k depends only on (epoch, k)."""
+
     def step(self, epoch: int, k: int) -> StepBatch:
         chunk = self.order(epoch)[k * self.global_batch : (k + 1) * self.global_batch]
+        return self.layout([self.examples[i] for i in chunk])
+
+    def layout(self, chunk: list[dict[str, Any]]) -> StepBatch:
+        """This process's micro-batches of a global batch (micro-batch j of rank r: slice j * world + r),
+        with the global batch's token counts."""
         micro = []
         for j in range(self.accumulation):
             start = (j * self.world + self.rank) * self.micro_batch
-            micro.append(self.collate([self.examples[i] for i in chunk[start : start + self.micro_batch]]))
+            micro.append(self.collate(chunk[start : start + self.micro_batch]))
+        lengths = [len(e["input_ids"]) for e in chunk]
         computed = (
             0  # what the forwards compute: each micro-batch (every process's) padded to its longest row
         )
         for start in range(0, len(chunk), self.micro_batch):
-            rows = chunk[start : start + self.micro_batch]
-            computed += len(rows) * max(self.lengths[i] for i in rows)
-        tokens, targets = sum(self.lengths[i] for i in chunk), sum(self.targets[i] for i in chunk)
-        return StepBatch(micro, tokens, targets, computed)
+            computed += len(lengths[start : start + self.micro_batch]) * max(
+                lengths[start : start + self.micro_batch]
+            )
+        # labels are compared with the next token: position 0 never has a target
+        targets = sum(1 for e in chunk for t in e["labels"][1:] if t != -100)
+        return StepBatch(micro, sum(lengths), targets, computed)
 
     def forward_masks(self, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
         """The mask arguments of the model's forward: packed rows pass their segments and per-example
@@ -137,3 +146,61 @@ class BatchPlan:
             }  # fmt: skip
         mask = batch["attention_mask"]
         return {"attention_mask": mask, "instance_mask": (batch["labels"] == -100) & mask.bool()}
+
+
+class StreamPlan(BatchPlan):
+    """``data.streaming``: global batches are the next records of the JSONL stream (data/streaming.py),
+    encoded as they come (records with no room for a response are skipped, as in memory); the stream's
+    position after each step travels in the checkpoint (``TrainState.extra["stream"]``), so a resumed
+    run reads on from the exact record. Every process reads the same records and takes its slices."""
+
+    def __init__(
+        self, cfg: DictConfig, tokenizer: Any, world: int, rank: int, splits: dict[str, list]
+    ) -> None:
+        from moa_train.data import TrainCollator, stream_paths
+        from moa_train.data.streaming import record_converter
+
+        tc, dc = cfg.trainer, cfg.data
+        self.splits, self.packing, self.world, self.rank = splits, False, world, rank
+        self.tokenizer, self.max_len = tokenizer, int(dc.max_len)
+        self.train_on_inputs, self.template = (
+            bool(dc.get("train_on_inputs", False)),
+            str(dc.get("template") or "alpaca"),
+        )
+        self.paths, self.convert = stream_paths(dc), record_converter(dc)
+        self.collate = TrainCollator(tokenizer.pad_token_id)
+        self.micro_batch, self.global_batch = int(tc.micro_batch_size), int(tc.effective_batch_size)
+        if self.global_batch % (self.micro_batch * world):
+            raise MoATrainError(
+                f"trainer.effective_batch_size={self.global_batch} must be a multiple of "
+                f"micro_batch_size x processes = {self.micro_batch} x {world}"
+            )
+        self.accumulation = self.global_batch // (self.micro_batch * world)
+        self.steps_per_epoch = int(
+            tc.max_steps
+        )  # the loop's one "epoch" is the run; the stream counts its own
+        self.stream: Any = None
+        self.state: Any = None
+
+    def total_steps(self, tc: DictConfig) -> int:
+        return int(tc.max_steps)
+
+    def resume(self, state: Any) -> None:
+        from moa_train.data.streaming import JsonlStream, StreamPosition
+
+        saved = state.extra.get("stream")
+        position = StreamPosition.from_dict(saved) if saved is not None else None
+        self.stream, self.state = JsonlStream(self.paths, self.convert, position), state
+
+    def step(self, epoch: int, k: int) -> StepBatch:
+        from moa_train.data import encode_dataset
+
+        chunk: list[dict[str, Any]] = []
+        while len(chunk) < self.global_batch:
+            records = self.stream.take(self.global_batch - len(chunk))
+            encoded, _ = encode_dataset(
+                records, self.tokenizer, self.max_len, self.train_on_inputs, self.template
+            )
+            chunk += encoded
+        self.state.extra["stream"] = self.stream.position.to_dict()  # saved with this step's checkpoint
+        return self.layout(chunk)

@@ -29,7 +29,7 @@ from moa_train.core.compile import compile_seconds
 from moa_train.core.memory import peak_memory_mb, reset_peak_memory
 from moa_train.errors import MoATrainError
 from moa_train.rundir import write_summary
-from moa_train.train.batching import BatchPlan, StepBatch  # noqa: F401  (StepBatch: re-exported)
+from moa_train.train.batching import BatchPlan, StepBatch, StreamPlan  # noqa: F401  (StepBatch: re-exported)
 from moa_train.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from moa_train.train.evaluate import final_evaluation
 from moa_train.train.metrics import Meter, RouterLog
@@ -185,7 +185,8 @@ def setup(
 
         compile_model(model, tc.get("compile_mode"), tc.get("compile_dynamic"))
 
-    plan = BatchPlan(cfg, tokenizer, world, rank, splits)  # encoded once, batches planned per epoch
+    # encoded once, batches planned per epoch; or read as consumed (data.streaming)
+    plan = (StreamPlan if cfg.data.get("streaming") else BatchPlan)(cfg, tokenizer, world, rank, splits)
     lr = learning_rate(cfg.optimizer, plan.global_batch)
     total_steps = plan.total_steps(tc)
     optimizer = build_optimizer(model, cfg.optimizer, lr)
@@ -209,6 +210,7 @@ def setup(
                 f"resume={cfg.resume}: the run is already at step {state.step} of {total_steps}; to train "
                 f"it further add trainer.max_steps=<more than {state.step}>"
             )
+    plan.resume(state)  # a stream continues at the saved record
     logger = None
     if main:
         logger = make_logger(cfg.logger, run_dir, OmegaConf.to_container(cfg, resolve=True), state.wandb_id)
