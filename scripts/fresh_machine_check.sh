@@ -6,7 +6,7 @@
 # Clones the committed state of REPO into a new temporary folder (so nothing beside it: no ../shared
 # data, no .venv, no runs), points every cache that moa_train and its libraries write at empty
 # temporary folders (MOA_TRAIN_CACHE, HOME and so ~/.cache, HF_HOME, XDG_CACHE_HOME, the torch
-# compile caches, matplotlib's), then runs `make setup`, `make test` and `make demo` there, as a new
+# compile caches, matplotlib's), then runs `make setup`, `make demo` and `make test` there, as a new
 # user would. Python packages still come from the package index configured for pip, as they would on
 # any machine. The output ends with a summary (date, commit, time and result of each step, the
 # quickstart accuracy, what the cache holds afterwards); the exit status is non-zero if a step
@@ -54,7 +54,7 @@ step() {  # step <name> <command...>: run in the clone, log, time, record
 
 echo "fresh-machine check of $SOURCE in $WORK"
 test -e "$WORK/shared" && { echo "error: $WORK/shared exists"; exit 2; }
-step setup make setup && step test make test && step demo make demo
+step setup make setup && step demo make demo && step test make test  # the demo first: its result comes early
 
 tests=$(grep -E '^[0-9]+ (passed|failed)|[0-9]+ passed' "$LOGS/test.log" 2>/dev/null | tail -n 1)
 accuracy=$(grep -E 'accuracy: base=' "$LOGS/demo.log" 2>/dev/null | tail -n 1)
