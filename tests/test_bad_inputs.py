@@ -24,6 +24,7 @@ from conftest import run_cli
 from moa_train.bench import main as bench_main
 from moa_train.cli.main import eval_main, export_main, train_main
 from moa_train.report import main as report_main
+from moa_train.serve.cli import chat_main, generate_main
 
 RUN = [
     "experiment=tiny",
@@ -44,7 +45,7 @@ def invoke(main: Callable[..., object], argv: list[str], cwd: Path) -> tuple[int
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                result = main() if main in (train_main, eval_main) else main(argv)
+                result = main() if main in (train_main, eval_main, generate_main, chat_main) else main(argv)
                 code = result if isinstance(result, int) else 0
             except SystemExit as exc:
                 code = exc.code
@@ -397,6 +398,8 @@ CASES = [
          copy=lambda run: None),
     Case("export-out-not-empty", export_main, ["checkpoint={copy}", "format=peft", "out={run}"], copy=lambda run: None),
     Case("export-checkpoint-nowhere", export_main, ["checkpoint={tmp}/nowhere", "format=peft", "out={tmp}/out"]),
+    Case("generate-plus-unknown-key", generate_main, ["+foo=1"]),
+    Case("chat-misspelled-key", chat_main, ["max_new_token=3"]),
 ]  # fmt: skip
 
 NEAREST = [  # (command, argv, the key the error line must name)
@@ -407,6 +410,7 @@ NEAREST = [  # (command, argv, the key the error line must name)
     (train_main, ["trainer.maxsteps=3"], "did you mean trainer.max_steps?"),
     (eval_main, ["batchsize=3"], "did you mean batch_size?"),
     (export_main, ["formt=peft"], "did you mean format?"),
+    (chat_main, ["+max_new_token=3"], "did you mean max_new_tokens?"),
 ]
 
 

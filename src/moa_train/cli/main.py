@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import moa_train.cli.help  # noqa: F401  (registers the resolver of the --help templates)
 from moa_train import rundir
-from moa_train.cli.keys import unknown_override
+from moa_train.cli.keys import check_keys, unknown_override
 from moa_train.errors import MoATrainError, one_line, report
 
 USER_ERRORS = (MoATrainError, HydraException, OmegaConfBaseException)
@@ -87,8 +87,10 @@ def _export(cfg: DictConfig) -> Any:
 
 def _job(body: Callable[[DictConfig], Any], cfg: DictConfig) -> Any:
     """Run a job body. A single run reports its error here, before Hydra adds its own line about the
-    failed job; in a sweep the error goes back to Hydra so that the other jobs still run."""
+    failed job; in a sweep the error goes back to Hydra so that the other jobs still run. Every command's
+    keys are checked first (``+key=value`` adds keys Hydra does not refuse; cli/keys.py)."""
     try:
+        check_keys(cfg, HydraConfig.get().job.config_name)
         return body(cfg)
     except (Exception, KeyboardInterrupt) as exc:
         if HydraConfig.get().mode == RunMode.MULTIRUN or _FULL_TRACEBACK:
