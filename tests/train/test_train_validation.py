@@ -146,3 +146,23 @@ def test_options_that_need_each_other(compose) -> None:
     ):
         with pytest.raises(MoATrainError, match=needle):
             check_settings(compose(TINY + overrides))
+
+
+def test_val_path_records_and_a_missing_file(tmp_path: Path) -> None:
+    val = tmp_path / "val.jsonl"
+    val.write_text(
+        json.dumps({"instruction": "q1", "output": "a"})
+        + "\n"
+        + json.dumps({"instruction": "q9", "output": "b"})
+        + "\n"
+    )
+    train = [{"instruction": f"q{i}", "input": "", "output": "a"} for i in range(5)]
+    cfg = OmegaConf.create({"data": {"val_path": str(val)}, "trainer": {}})
+    splits = split_validation({"train": train, "test": [{"instruction": "q9", "input": ""}]}, cfg)
+    assert splits["train"] == train and [r["instruction"] for r in splits["val"]] == [
+        "q1"
+    ]  # q9 is a test record
+    cfg = OmegaConf.create({"data": {"val_path": str(tmp_path / "nope.jsonl")}, "trainer": {}})
+    with pytest.raises(MoATrainError, match="data file not found") as err:
+        split_validation({"train": train, "test": []}, cfg)
+    assert "\n" not in str(err.value)
