@@ -324,3 +324,29 @@ def test_router_initialisation_follows_each_release() -> None:
 def test_trainable_parameters_equal_the_release_on_llama31_8b(name: str) -> None:
     expected = ref.release_trainable_parameters(name, 4096, 14336, 32, 32, 8)
     assert get_moa_model(llama31_8b_on_meta(), preset(name)).num_trainable_parameters() == expected
+
+
+@pytest.mark.parametrize("name", ["dynmole", "mixlora"])
+def test_pooled_aux_losses_under_activation_checkpointing(name: str) -> None:
+    """The pooled losses are formed after the forward, outside the checkpointed layers: with non-reentrant
+    checkpointing (the backward replays each layer) the aux loss and every gradient stay the same."""
+    results = []
+    for checkpointing in (False, True):
+        model, _ = pair(name)
+        model.train()
+        for module in model.modules():  # no dropout: both runs must compute the same function
+            if isinstance(module, torch.nn.Dropout):
+                module.p = 0.0
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        logits = model(input_ids=IDS, attention_mask=MASK).logits
+        aux = model.aux_loss()
+        (ce(logits) + aux).backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((aux.detach(), grads))
+    (aux_plain, grads_plain), (aux_ckpt, grads_ckpt) = results
+    assert float(aux_plain) > 0
+    close(aux_ckpt, aux_plain, "aux loss")
+    assert grads_ckpt.keys() == grads_plain.keys()
+    for key in grads_plain:
+        close(grads_ckpt[key], grads_plain[key], key)
