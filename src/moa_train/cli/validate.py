@@ -17,150 +17,20 @@ and then by ``MoAConfig`` itself, so new MoA options need no row here.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from moa_train.cli.keys import check_keys
+from moa_train.cli.rules import ABSENT as _ABSENT
+from moa_train.cli.rules import Bool, Choice, Float, Floats, Int, Rule, Str, Strs
+from moa_train.cli.rules import get as _get
 from moa_train.core.compile import COMPILE_MODES
 from moa_train.core.config import check_moa_config
 from moa_train.errors import MoATrainError
 from moa_train.models.options import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, QUANTIZATIONS, SOURCES
 from moa_train.rundir import show_value as _show
-
-_ABSENT = object()
-
-
-@dataclass(frozen=True)
-class Rule:
-    """One key of a group: its type, range or choices, and whether null is allowed."""
-
-    key: str
-    kind: str  # int | float | bool | choice | str | floats | strs
-    lo: float | None = None  # inclusive lower bound
-    hi: float | None = None  # inclusive upper bound
-    above: float | None = None  # exclusive lower bound
-    below: float | None = None  # exclusive upper bound
-    choices: tuple[Any, ...] = ()
-    null: bool = False
-    length: int | None = None  # floats/strs: exact list length
-    also: tuple[Any, ...] = ()  # literal values accepted besides the kind (e.g. "auto")
-
-    def check(self, value: Any, where: str) -> None:
-        if value is None:
-            if not self.null:
-                raise MoATrainError(f"{where} must be set ({self.expected()}); got null")
-            return
-        if any(value == a and type(value) is type(a) for a in self.also):
-            return
-        if not self._ok(value):
-            if self.kind == "choice":
-                choices = ", ".join(_show(c) for c in self.choices)
-                raise MoATrainError(f"{where}={_show(value)} is not known; choose one of {choices}")
-            raise MoATrainError(f"{where}={_show(value)} is invalid: expected {self.expected()}")
-
-    def _ok(self, value: Any) -> bool:
-        if self.kind == "bool":
-            return isinstance(value, bool)
-        if self.kind == "choice":
-            return any(value == c and type(value) is type(c) for c in self.choices)
-        if self.kind == "str":
-            return isinstance(value, str) and value != ""
-        if self.kind in ("floats", "strs"):
-            if not isinstance(value, list | tuple | ListConfig):
-                return False
-            if self.length is not None and len(value) != self.length:
-                return False
-            item = Rule(
-                "", "float" if self.kind == "floats" else "str", self.lo, self.hi, self.above, self.below
-            )
-            return all(v is not None and item._ok(v) for v in value)
-        if self.kind == "int" and not (isinstance(value, int) and not isinstance(value, bool)):
-            return False
-        if self.kind == "float":
-            if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-                return False
-        return _in_range(value, self.lo, self.hi, self.above, self.below)
-
-    def expected(self) -> str:
-        if self.kind == "choice":
-            text = "one of " + ", ".join(_show(c) for c in self.choices)
-        elif self.kind == "bool":
-            text = "true or false"
-        elif self.kind == "str":
-            text = "a non-empty string"
-        else:
-            noun = {
-                "int": "an integer",
-                "float": "a number",
-                "floats": "a list of numbers",
-                "strs": "a list of strings",
-            }
-            text = noun[self.kind]
-            if self.length is not None:
-                text += f" of length {self.length}"
-            bounds = [
-                f">= {self.lo:g}" if self.lo is not None else "",
-                f"> {self.above:g}" if self.above is not None else "",
-                f"<= {self.hi:g}" if self.hi is not None else "",
-                f"< {self.below:g}" if self.below is not None else "",
-            ]
-            bounds = [b for b in bounds if b]
-            if bounds:
-                text += (" (each " if self.kind == "floats" else " ") + " and ".join(bounds)
-                text += ")" if self.kind == "floats" else ""
-        text += "".join(f" or {_show(a)}" for a in self.also)
-        return text + (" or null" if self.null else "")
-
-
-def _in_range(v: float, lo: float | None, hi: float | None, above: float | None, below: float | None) -> bool:
-    return (
-        (lo is None or v >= lo)
-        and (hi is None or v <= hi)
-        and (above is None or v > above)
-        and (below is None or v < below)
-    )
-
-
-def Int(  # noqa: N802
-    key: str, lo: float | None = None, hi: float | None = None, null: bool = False, also: tuple[Any, ...] = ()
-) -> Rule:
-    return Rule(key, "int", lo=lo, hi=hi, null=null, also=also)
-
-
-def Float(  # noqa: N802
-    key: str,
-    lo: float | None = None,
-    hi: float | None = None,
-    above: float | None = None,
-    below: float | None = None,
-    null: bool = False,
-) -> Rule:
-    return Rule(key, "float", lo=lo, hi=hi, above=above, below=below, null=null)
-
-
-def Bool(key: str, null: bool = False) -> Rule:  # noqa: N802
-    return Rule(key, "bool", null=null)
-
-
-def Choice(key: str, *choices: Any, null: bool = False) -> Rule:  # noqa: N802
-    return Rule(key, "choice", choices=choices, null=null)
-
-
-def Str(key: str, null: bool = False) -> Rule:  # noqa: N802
-    return Rule(key, "str", null=null)
-
-
-def Floats(key: str, length: int | None = None, lo: float | None = None, below: float | None = None) -> Rule:  # noqa: N802
-    return Rule(key, "floats", lo=lo, below=below, length=length)
-
-
-def Strs(key: str) -> Rule:  # noqa: N802
-    return Rule(key, "strs")
-
+from moa_train.train.options import LAUNCHERS, LOGGERS, OPTIMIZERS, PRECISION_NAMES, SCHEDULES
 
 # ----------------------------------------------------------------------------------------------------
 # The tables: root config -> group -> rules ("" = top-level keys of the root config)
@@ -185,7 +55,7 @@ _MODEL = (
 )
 
 _LOGGER = (
-    Choice("name", "wandb", "tensorboard", "mlflow", "none"),
+    Choice("name", *LOGGERS),
     Choice("mode", "auto", "online", "offline", "disabled"),
     Str("tracking_uri", null=True),  # mlflow
     Str("experiment", null=True),  # mlflow
@@ -206,7 +76,7 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Int("max_steps", lo=1, null=True),
             Int("micro_batch_size", lo=1),
             Int("effective_batch_size", lo=1),
-            Choice("precision", "bf16", "fp16", "fp32"),
+            Choice("precision", *PRECISION_NAMES),
             Float("grad_clip", above=0, null=True),
             Bool("gradient_checkpointing"),
             Bool("compile"),
@@ -229,7 +99,7 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Float("early_stopping.min_delta", lo=0),
         ),
         "optimizer": (
-            Choice("name", "adamw"),
+            Choice("name", *OPTIMIZERS),
             Float("lr", above=0, null=True),
             Float("blr", above=0, null=True),
             Floats("betas", length=2, lo=0, below=1),
@@ -237,7 +107,7 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
             Float("weight_decay", lo=0),
         ),
         "scheduler": (
-            Choice("name", "cosine", "constant", "linear"),
+            Choice("name", *SCHEDULES),
             Float("warmup_epochs", lo=0, null=True),
             Int("warmup_steps", lo=0, null=True),
             Float("min_lr", lo=0, null=True),
@@ -262,7 +132,7 @@ RULES: dict[str, dict[str, tuple[Rule, ...]]] = {
         "model": _MODEL,
         "logger": _LOGGER,
         "launcher": (
-            Choice("name", "local", "accelerate", "fsdp"),
+            Choice("name", *LAUNCHERS),
             Int("num_processes", lo=1),
             Int("num_machines", lo=1),
             Int("machine_rank", lo=0),
@@ -543,20 +413,3 @@ def validate(cfg: DictConfig, root: str = "train") -> None:
             rule.check(value, f"{group}.{rule.key}" if group else rule.key)
     for check in CHECKS[root]:
         check(cfg)
-
-
-def _get(node: Any, key: str, default: Any = _ABSENT) -> Any:
-    """A value without resolving errors: missing keys and ``???`` give ``default``; bad interpolations raise."""
-    try:
-        value = OmegaConf.select(node, key, default=default, throw_on_missing=False)
-    except Exception as exc:  # an interpolation that does not resolve
-        raise MoATrainError(f"{key}: {exc}") from None
-    if OmegaConf.is_missing(node, key) if _has(node, key) else False:
-        return default
-    return value
-
-
-def _has(node: Any, key: str) -> bool:
-    parent, _, leaf = key.rpartition(".")
-    container = OmegaConf.select(node, parent, default=None) if parent else node
-    return isinstance(container, DictConfig) and leaf in container

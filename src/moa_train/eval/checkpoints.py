@@ -18,7 +18,12 @@ from omegaconf import DictConfig, OmegaConf
 from moa_train.data.template import TEMPLATES
 from moa_train.errors import MoATrainError
 from moa_train.eval.generation import model_device
-from moa_train.rundir import ADAPTER_CONFIG, refuse_code_from_file, resolve_checkpoint  # noqa: F401 (re-exported)
+from moa_train.rundir import (  # noqa: F401 (resolve_checkpoint re-exported)
+    ADAPTER_CONFIG,
+    STATE_NAME,
+    refuse_code_from_file,
+    resolve_checkpoint,
+)
 
 log = logging.getLogger(__name__)
 
@@ -185,5 +190,5 @@ def training_run_id(ckpt_dir: Path | None) -> str | None:
     if ckpt_dir is None:
         return None
     with contextlib.suppress(OSError, json.JSONDecodeError, AttributeError):
-        return json.loads((ckpt_dir / "trainer_state.json").read_text()).get("wandb_id")
+        return json.loads((ckpt_dir / STATE_NAME).read_text()).get("wandb_id")
     return None

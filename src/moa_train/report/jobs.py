@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from moa_train.report.sweeps import submitit_logs  # a job killed under submitit: its launcher's logs
+from moa_train.rundir import SUMMARY_NAME
 
-SUMMARY = "summary.json"
+SUMMARY = SUMMARY_NAME  # the run folder's summary, named by rundir
 PREDICTIONS = "final_eval_predictions.jsonl"
 SEED_KEYS = ("seed", "+seed", "++seed")
 MEMORY_KEY = re.compile(r"(peak|max).*mem|mem.*(peak|max)", re.IGNORECASE)

@@ -35,8 +35,9 @@ from moa_train.core.dist import is_dtensor
 from moa_train.core.inject import find_decoder_layers
 from moa_train.core.memory import peak_memory_mb
 from moa_train.errors import MoATrainError
+from moa_train.train.options import LAUNCHERS
 
-PARALLELISM = {"local": "none", "accelerate": "ddp", "fsdp": "fsdp2"}
+PARALLELISM = dict(zip(LAUNCHERS, ("none", "ddp", "fsdp2"), strict=True))  # launcher -> what runs
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:

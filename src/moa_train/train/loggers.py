@@ -19,6 +19,7 @@ from typing import Any
 
 from moa_train.errors import MoATrainError
 from moa_train.tracking import WANDB_INIT_TIMEOUT, start_wandb  # noqa: F401 (WANDB_INIT_TIMEOUT re-exported)
+from moa_train.train.options import LOGGERS
 
 log = logging.getLogger(__name__)
 
@@ -145,9 +146,7 @@ def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str 
         elif name == "none":
             backend = Backend()
         else:
-            raise MoATrainError(
-                f"logger={name!r} is not known; choose one of wandb, tensorboard, mlflow, none"
-            )
+            raise MoATrainError(f"logger={name!r} is not known; choose one of {', '.join(LOGGERS)}")
     except ImportError as exc:
         log.warning("logger=%s is not installed (%s); only metrics.jsonl is written", name, exc)
         backend = Backend()
