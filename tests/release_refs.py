@@ -1,6 +1,6 @@
 """Plain-torch transcriptions of the released forward and loss code of five mixture-of-LoRA methods.
 
-tests/test_release_fidelity.py checks each related-method preset against these, on the same weights.
+tests/core/test_release_fidelity.py checks each related-method preset against these, on the same weights.
 Where a release carries a licence (Apache-2.0: mikecovlee/DynMoLE, TUDB-Labs/MoE-PEFT) the functions
 follow its code line by line (repository, commit, file and function named on each); where it carries
 none (GCYZSL/MoLA, Ablustrund/LoRAMoE, wutaiqiang/MoSLoRA) they are written here from the behaviour of

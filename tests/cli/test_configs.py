@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from moa_train import MoAConfig
 
 CONFIGS = Path(str(importlib.resources.files("moa_train.configs")))
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 GROUPS = [
     "model", "experts", "router", "data", "optimizer", "scheduler",
     "trainer", "logger", "launcher", "experiment", "hydra", "debug",

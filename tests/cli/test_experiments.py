@@ -72,7 +72,7 @@ DERIVED = {  # not F.2 rows, but the same arithmetic (documented in the preset h
     **{f"{f}_topk_lb": 100_140_288 for f in FAMILIES},  # = Top-K
     # related methods: the counts (MoLA, DynMoLE, LoRAMoE, MoSLoRA) and the same arithmetic
     **{f"{f}_mola": 111_083_520 for f in FAMILIES},
-    **{f"{f}_mixlora": 241_172_480 for f in FAMILIES},  # = the releases (tests/test_release_fidelity.py)
+    **{f"{f}_mixlora": 241_172_480 for f in FAMILIES},  # = the releases (tests/core/test_release_fidelity.py)
     "math_dynmole": 259_129_344,
     "math_loramoe": 62_390_272,
     "math_loramoe_lbc": 62_390_272,
