@@ -129,6 +129,13 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             finished = existing_run(cfg, run_dir, config_text)
             if finished is not None:
                 return finished
+            if cfg.get("resume"):
+                # resumed in place: this session's config, as resume= records it (launcher=accelerate's
+                # workers read it, so they resume too)
+                stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"
+                config_path = run_dir / RESUMES_DIR / stamp / rundir.CONFIG_NAME
+                config_path.parent.mkdir(parents=True)
+                write_atomic(config_path, OmegaConf.to_yaml(cfg, resolve=True))
     else:
         explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
         run_dir = rundir.claim(run_dir, config_text, auto=not explicit, overwrite=bool(cfg.get("overwrite")))
