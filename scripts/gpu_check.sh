@@ -7,7 +7,7 @@
 #   env            versions, the GPU, moa_train's requirements met or not, bitsandbytes present or not
 #   bench          moa-bench: Llama-3.1-8B shapes (random weights), 8 x 512 tokens, bf16: step time, decode
 #                  tokens/s, peak memory of (a)-(f), ratios to PEFT LoRA
-#   compiled       moa-bench (a)-(d) eager and under torch.compile (8 layers), ratios to compiled PEFT LoRA
+#   compiled       moa-bench (b)-(d) eager and under torch.compile (4 layers), ratios to compiled PEFT LoRA
 #   generate       greedy generate() with the KV cache == argmax of the full forward, bf16 (and fp32)
 #   nf4_lora_pa_prompt, nf4_ffn   moa-train on a 4-bit (nf4) base: LoRA + parallel adapter + prompt experts
 #                  (experts=all), then FFN experts with a site router (experts=mixlora); skipped, and said
@@ -146,7 +146,7 @@ skip() { wanted "$1" && record "$1" skipped 0 "$2"; return 0; }
 
 if [ "$DEVICE" = cuda ]; then
   BENCH=(--device cuda --model llama-3.1-8b-arch --batch 8 --seq 512 --base-dtype bfloat16 --quick --no-extras)
-  COMPILE_ARGS=(--layers 8)  # the compiled step: 4 Inductor compiles stay short, the shapes per layer are the 8B's
+  COMPILE_ARGS=(--layers 4)  # the compiled step: 3 Inductor compiles stay short, the shapes per layer are the 8B's
   TRAIN=(trainer.device=cuda trainer.precision=bf16 model.dtype=bfloat16)
 else  # the same code paths at CPU sizes
   BENCH=(--device cpu --model tiny --batch 2 --seq 32 --base-dtype bfloat16 --quick --no-extras --decode-tokens 4)
@@ -161,7 +161,7 @@ HAVE_BNB=1
 
 step env 120 "$PY" scripts/gpu_check.py env --device "$DEVICE" ${MANIFESTS[@]+"${MANIFESTS[@]}"} \
   --out "$WORK/env/result.json"
-step bench 200 "$BIN/moa-bench" "${BENCH[@]}" --out "$WORK/bench/result.json"
+step bench 260 "$BIN/moa-bench" "${BENCH[@]}" --out "$WORK/bench/result.json"
 step generate 90 "$PY" scripts/gpu_check.py generate --device "$DEVICE" --out "$WORK/generate/result.json"
 if [ "$HAVE_BNB" = 1 ]; then
   step nf4_lora_pa_prompt 90 "$BIN/moa-train" "${RUN[@]}" experts=all model.quantization=nf4 \
@@ -179,11 +179,6 @@ if [ "$DEVICE" = cuda ]; then  # CPU offload of shards, gradients and optimizer 
 else
   skip fsdp1_offload "CPU offload is a CUDA-only option"
 fi
-# compiled: (a)-(d) eager and under torch.compile in one process (one graph per MoA forward), ratios to the
-# compiled PEFT LoRA next to the eager ones, compile seconds per variant
-COMPILED=frozen_base,peft_lora_r16,soft_moa,sparse_moa,frozen_base_compiled,peft_lora_r16_compiled,soft_moa_compiled,sparse_moa_compiled
-step compiled 200 "$BIN/moa-bench" "${BENCH[@]}" ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"} --compile --variants "$COMPILED" \
-  --decode-tokens 0 --mem-steps 0 --out "$WORK/compiled/result.json"
 # serve: the serving engine's tokens/s at concurrency 1 and 16 on its own frozen base (no checkpoint needed)
 if "$PY" -c "import importlib.util as u, sys; sys.exit(u.find_spec('moa_train.serve.bench') is None)" 2> /dev/null; then
   if [ "$DEVICE" = cuda ]; then SERVE=(model=smollm2-random device=cuda dtype=bfloat16); else SERVE=(model=tiny device=cpu); fi
@@ -193,6 +188,12 @@ else
   skip serve "this version of moa_train has no serving engine (moa_train.serve.bench)"
 fi
 
+# compiled (last: the longest and the one most likely to need a rerun): PEFT LoRA, Soft and Sparse MoA
+# eager and under torch.compile in one process (one graph per MoA forward), ratios to the compiled PEFT
+# LoRA next to the eager ones, compile seconds per variant
+COMPILED=peft_lora_r16,soft_moa,sparse_moa,peft_lora_r16_compiled,soft_moa_compiled,sparse_moa_compiled
+step compiled 240 "$BIN/moa-bench" "${BENCH[@]}" ${COMPILE_ARGS[@]+"${COMPILE_ARGS[@]}"} --compile --variants "$COMPILED" \
+  --decode-tokens 0 --mem-steps 0 --out "$WORK/compiled/result.json"
 rc=0
 "$PY" scripts/gpu_check.py merge "$WORK" "$JSON" --device "$DEVICE" --seconds $(($(date +%s) - START)) || rc=$?
 if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then  # every step's full log beside the JSON (the JSON has failures' tails)
