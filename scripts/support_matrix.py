@@ -118,7 +118,7 @@ def _families_info() -> dict[str, dict[str, str]]:
         view = moa._attn_view
         traits = ["scale from the attention"]
         if view.softcap:
-            traits.append(f"logit soft-cap {view.softcap:g}")
+            traits.append("logit soft-cap")
         if view.k_norm is not None:
             traits.append("k norm per head" if view.k_norm_per_head else "full-width k norm")
         if family in ("gemma2", "gemma3_text"):
@@ -212,6 +212,17 @@ the graph, so those cells are skipped). 4-bit: an nf4 bitsandbytes base (CPU bac
 MoE bases' 3-D expert tensors are not bitsandbytes layers and stay unquantized).
 
 {table}
+
+Dry runs on the real shapes (meta device, no download) print the trainable parameters, e.g. LoRA on the
+attention and on every routed expert of Qwen3-30B-A3B, and Soft MoA on Phi-3-mini:
+
+```bash
+moa-train model=qwen3_30b_a3b_arch experts=lora_only router=none 'moa.lora_targets=[q,k,v,o,experts]' dry_run=true
+moa-train model=phi3_mini_arch experts=moa_soft dry_run=true
+```
+
+On an MoE base, `gate`, `up` and `down` name no site (the FFN is the MoE block): use `experts` for
+LoRA on the routed experts and `pa_size` for a parallel adapter beside the block.
 
 ## Sites, router input and the prompt expert per family
 

@@ -64,7 +64,7 @@ def no_pa(cfg: dict) -> dict:
 
 
 # ---- identity at init ------------------------------------------------------------------------------------
-@pytest.mark.parametrize(("family", "name"), matrix())
+@pytest.mark.parametrize(("family", "name"), matrix(FAST))
 def test_identity_at_init(family: str, name: str) -> None:
     base = family_model(family)
     with torch.no_grad():
@@ -398,7 +398,18 @@ def _lora_count(arch: dict, targets: list[str], rank: int) -> int:
     return layers * rank * sum(size[t] for t in targets)
 
 
-@pytest.mark.parametrize("name", sorted(ARCH))
+@pytest.mark.parametrize(
+    "name",
+    [  # the default suite: a fused-projection, a non-gated and an MoE base; the others are slow
+        pytest.param(
+            n,
+            marks=()
+            if n in ("phi3_mini_arch", "pythia_1_4b_arch", "qwen3_30b_a3b_arch")
+            else pytest.mark.slow,
+        )
+        for n in sorted(ARCH)
+    ],
+)
 def test_arch_configs_have_the_published_parameter_counts_and_dry_run_lora_counts(name: str, compose) -> None:
     from omegaconf import OmegaConf
 
