@@ -39,6 +39,15 @@ TINY_SERVED = TINY + [
 PROMPTS = [f"Question {i}: what is {i} + {3 * i}?" + " really" * (i % 3) for i in range(8)]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def keep_threads() -> Any:
+    import torch
+
+    before = torch.get_num_threads()  # cpu_threads=1 below sets the process-wide count
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def served_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("served") / "run"
