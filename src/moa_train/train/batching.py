@@ -11,6 +11,16 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from moa_train.data import (
+    TrainCollator,
+    encode_dataset,
+    epoch_order,
+    length_grouped_order,
+    stream_paths,
+    task_types,
+)
+from moa_train.data.packing import PackedCollator, pack_examples
+from moa_train.data.streaming import JsonlStream, StreamPosition, record_converter
 from moa_train.errors import MoATrainError
 
 log = logging.getLogger(__name__)
@@ -36,12 +46,8 @@ class BatchPlan:
     def __init__(
         self, cfg: DictConfig, tokenizer: Any, world: int, rank: int, splits: dict[str, list]
     ) -> None:
-        from moa_train.data import TrainCollator, encode_dataset
-
         tc, dc = cfg.trainer, cfg.data
         self.splits = splits  # read by the caller before the model loads
-        from moa_train.data import task_types
-
         self.examples, stats = encode_dataset(
             task_types.assign(splits["train"], dc),  # LoRAMoE LBC: a 0/1 task type per record, if configured
             tokenizer,
@@ -53,8 +59,6 @@ class BatchPlan:
         self.lengths = [len(e["input_ids"]) for e in self.examples]
         self.packing = bool(dc.get("packing", False))
         if self.packing:  # rows of whole examples, each isolated from the others (data/packing.py)
-            from moa_train.data.packing import PackedCollator, pack_examples
-
             self.examples = pack_examples(self.examples, int(dc.max_len))
             log.info(
                 "packing: %d examples in %d rows of up to %d tokens",
@@ -101,8 +105,6 @@ class BatchPlan:
     def order(self, epoch: int) -> list[int]:
         """This epoch's example order: a permutation from (data.seed, epoch), optionally length-grouped."""
         if self._order is None or self._order[0] != epoch:
-            from moa_train.data import epoch_order, length_grouped_order
-
             if self.group_by_length:
                 order = length_grouped_order(self.lengths, self.global_batch, self.data_seed, epoch)
             else:
@@ -157,9 +159,6 @@ class StreamPlan(BatchPlan):
     def __init__(
         self, cfg: DictConfig, tokenizer: Any, world: int, rank: int, splits: dict[str, list]
     ) -> None:
-        from moa_train.data import TrainCollator, stream_paths
-        from moa_train.data.streaming import record_converter
-
         tc, dc = cfg.trainer, cfg.data
         self.splits, self.packing, self.world, self.rank = splits, False, world, rank
         self.tokenizer, self.max_len = tokenizer, int(dc.max_len)
@@ -186,15 +185,11 @@ class StreamPlan(BatchPlan):
         return int(tc.max_steps)
 
     def resume(self, state: Any) -> None:
-        from moa_train.data.streaming import JsonlStream, StreamPosition
-
         saved = state.extra.get("stream")
         position = StreamPosition.from_dict(saved) if saved is not None else None
         self.stream, self.state = JsonlStream(self.paths, self.convert, position), state
 
     def step(self, epoch: int, k: int) -> StepBatch:
-        from moa_train.data import encode_dataset
-
         chunk: list[dict[str, Any]] = []
         while len(chunk) < self.global_batch:
             records = self.stream.take(self.global_batch - len(chunk))

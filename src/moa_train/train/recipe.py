@@ -23,22 +23,32 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate import Accelerator, PartialState
+from accelerate.utils import DistributedDataParallelKwargs, gather_object, set_seed
 from omegaconf import DictConfig, OmegaConf
 
-from moa_train.core.compile import compile_seconds
+from moa_train.core.compile import compile_model, compile_seconds
+from moa_train.core.config import MoAConfig
+from moa_train.core.dist import full_tensor
 from moa_train.core.memory import peak_memory_mb, reset_peak_memory
+from moa_train.core.model import get_moa_model
+from moa_train.data import load_splits
 from moa_train.errors import MoATrainError
+from moa_train.models.base import load_base_model, place_base
 from moa_train.rundir import write_summary
 from moa_train.train.batching import BatchPlan, StepBatch, StreamPlan  # noqa: F401  (StepBatch: re-exported)
 from moa_train.train.checkpoint import TrainState, load_checkpoint, save_checkpoint
 from moa_train.train.evaluate import final_evaluation
+from moa_train.train.fsdp import rank0_loading, shard_model, summary_fields
+from moa_train.train.loggers import make_logger
 from moa_train.train.metrics import Meter, RouterLog
 from moa_train.train.optim import LRSchedule, build_optimizer, learning_rate, replan_schedule
 from moa_train.train.options import PRECISION_NAMES
-from moa_train.train.preemption import stop_on_signal
+from moa_train.train.preemption import StopSignal, stop_on_signal
 from moa_train.train.runtime import duration, progress_bar, reset_accelerate_state, worker_logging
 from moa_train.train.steps import Session, optimizer_step, parameter_digest
 from moa_train.train.steps import token_cross_entropy as token_cross_entropy  # re-exported
+from moa_train.train.validation import ValidationLoop, split_validation
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +62,6 @@ PRECISIONS = dict(zip(PRECISION_NAMES, (torch.bfloat16, torch.float16, torch.flo
 
 def dry_run(cfg: DictConfig) -> dict[str, Any]:
     """Build the model (``*_arch`` models on the meta device), print the trainable parameters, exit."""
-    from moa_train.core.config import MoAConfig
-    from moa_train.core.model import get_moa_model
-    from moa_train.models.base import load_base_model
-
     torch.manual_seed(int(cfg.seed))
     base, _ = load_base_model(cfg.model)
     model = get_moa_model(base, MoAConfig.from_dict(_plain(cfg.moa)))
@@ -81,8 +87,6 @@ def train(
     SIGTERM, SIGINT, SIGUSR1 and SIGUSR2 finish the current optimizer step, save
     ``checkpoints/step-<N>/`` and raise :class:`Preempted` (see ``moa_train.train.preemption``).
     """
-    from moa_train.train.preemption import StopSignal
-
     with StopSignal() as stop:
         return _train(cfg, run_dir, expected_world_size, stop, splits)
 
@@ -124,17 +128,6 @@ def setup(
 ) -> Run:
     """Processes, seeds, data, the model (frozen base in the compute dtype, fp32 adapters), optimizer,
     schedule, a resumed state and the loggers."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs, set_seed
-
-    from moa_train.core.config import MoAConfig
-    from moa_train.core.model import get_moa_model
-    from moa_train.data import load_splits
-    from moa_train.models.base import load_base_model, place_base
-    from moa_train.train.fsdp import rank0_loading, shard_model
-    from moa_train.train.loggers import make_logger
-    from moa_train.train.validation import ValidationLoop, split_validation
-
     tc = cfg.trainer
     use_cpu = str(tc.get("device", "auto")) == "cpu" or not torch.cuda.is_available()
     processes = PartialState(cpu=use_cpu)
@@ -181,8 +174,6 @@ def setup(
             reshard_after_forward=bool(cfg.launcher.get("reshard_after_forward", True)), from_rank0=from_rank0,
         )  # fmt: skip
     if tc.get("compile"):  # one graph per forward (moa_train.core.compile); compiles lazily at the first step
-        from moa_train.core.compile import compile_model
-
         compile_model(model, tc.get("compile_mode"), tc.get("compile_dynamic"))
 
     # encoded once, batches planned per epoch; or read as consumed (data.streaming)
@@ -334,11 +325,6 @@ def _save(run: Run, target: Path, keep_last: int | None = None) -> Path:
 
 def save(run: Run) -> dict[str, Any]:
     """``final/`` (after checking every rank holds the same adapters) and the run's summary."""
-    from accelerate.utils import gather_object
-
-    from moa_train.core.dist import full_tensor
-    from moa_train.train.fsdp import summary_fields
-
     state, tc = run.state, run.cfg.trainer
     digests = gather_object([parameter_digest([full_tensor(p) for p in run.trainable])])
     if len(set(digests)) != 1:  # DDP must have kept every rank's adapters identical (FSDP: the gathered ones)
