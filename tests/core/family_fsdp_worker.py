@@ -1,6 +1,6 @@
-"""One rank of the per-family FSDP check (tests/test_families.py, 2 ranks on CPU, gloo).
+"""One rank of the per-family FSDP check (tests/core/test_families.py, 2 ranks on CPU, gloo).
 
-Every rank builds the tiny model of a family with a method of tests/test_families.py twice: an
+Every rank builds the tiny model of a family with a method of tests/core/test_families.py twice: an
 unsharded reference that runs the whole batch, and one sharded by ``moa_train.train.fsdp.shard_model``
 (FSDP2) that runs only this rank's half. Writes ``<out>/rank<r>.json``: the largest gap between the
 gathered sharded gradients and the reference gradients, and how many gradients were compared.
@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).parent))
+sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
 from core_helpers import randomize_adapters  # noqa: E402
 from family_models import family_model  # noqa: E402

@@ -1,12 +1,12 @@
 """docs/support_matrix.md and the README's support table are what scripts/support_matrix.py renders
-from the tests of tests/test_families.py (collected, not run: the suite runs them)."""
+from the tests of tests/core/test_families.py (collected, not run: the suite runs them)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "support_matrix.py"
+SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "support_matrix.py"
 
 
 def _script():
