@@ -352,21 +352,13 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("collect", help="record the finished jobs of a sweep folder")
     c.add_argument("sweep_dir", type=Path)
     c.add_argument("--into", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
-    c.add_argument(
-        "--base",
-        type=Path,
-        default=None,
-        help="moa-eval folder of the base model (default <sweep>/base_model)",
-    )
+    base_help = "moa-eval folder of the base model (default <sweep>/base_model)"
+    c.add_argument("--base", type=Path, default=None, help=base_help)
     p = sub.add_parser("page", help="rebuild the leaderboard page from the records")
     p.add_argument("--results", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
     p.add_argument("--out", type=Path, default=PAGE, help=f"the page (default {PAGE})")
-    p.add_argument(
-        "--intro",
-        type=Path,
-        default=None,
-        help="markdown put above the results (default: the page's own text above '## Results')",
-    )
+    intro_help = "markdown put above the results (default: the page's own text above '## Results')"
+    p.add_argument("--intro", type=Path, default=None, help=intro_help)
     args = parser.parse_args(argv)
     try:
         if args.command == "collect":
