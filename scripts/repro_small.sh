@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Small-scale reproduction of the paper's comparison (docs/experiments.md, "Small-scale reproduction"):
 # {Soft MoA, Sparse MoA, LoRA r16, MoLoRA, naive composition} x seeds {0, 125, 1225} on SmolLM2-135M
-# with the embedded BIG-bench arithmetic mix (2-/3-digit add, sub, mul), 32 steps each, scored on
+# with the generated arithmetic mix (2-/3-digit add, sub, mul), 32 steps each, scored on
 # the first 150 items of its held-out split (all six tasks) by the trainer's final evaluation (the
 # evaluator moa-eval uses), then the base model alone on the same items, then `moa-report`.
 # About an hour on 2 CPU cores.

@@ -148,7 +148,7 @@ def describe_data(eval_cfg: Mapping[str, Any], run_cfg: Any, records: Sequence[M
 def _data_module_records(
     data_cfg: Any, split: str, limit: int | None, hint: str = ""
 ) -> list[dict[str, Any]]:
-    """Records of one split of a data-group node (e.g. the embedded BIG-bench tasks) via ``load_splits``."""
+    """Records of one split of a data-group node (e.g. the generated arithmetic tasks) via ``load_splits``."""
     from moa_train.data import load_splits
 
     splits = load_splits(data_cfg)
