@@ -84,8 +84,9 @@ def help_commands() -> list[tuple[str, str, str]]:
                 found.append((f"{command} --help", text.strip(), comment.strip()))
             if stripped.startswith("Any value: key=value ("):
                 inner = stripped.split("(", 1)[1].split(")", 1)[0]
+                scored = " checkpoint=runs/<run dir>" if command == "moa-eval" else ""  # a value needs a run
                 for pair in inner.split(", "):
-                    found.append((f"{command} --help", f"{command} {pair}", ""))
+                    found.append((f"{command} --help", f"{command}{scored} {pair}", ""))
     return found
 
 
@@ -193,6 +194,8 @@ def runnable(command: str, runs: dict[str, Path]) -> list[str]:
             for one in value.split(","):  # a -m list
                 tail = "/final" if one.rstrip("/").endswith("final") else ""
                 tail = "/checkpoints/step-8" if "/checkpoints/" in one else tail
+                if key == "resume" and not tail:  # a bare run dir: an interrupted run, its newest step
+                    tail = "/checkpoints/step-4"
                 parts.append(f"{base}{tail}")
             arg = f"{key}={','.join(parts)}"
         elif eq and ("LLM-Adapters" in value or "llm_adapters" in value):
