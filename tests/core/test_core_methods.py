@@ -413,7 +413,7 @@ def test_prompt_moe_forms_against_plain_torch(form: str) -> None:
     query = torch.randn(2, 4, 5, 16)  # [B, heads, T, head_dim]
     router_input = torch.randn(2, 5, 64)
     with torch.no_grad():
-        got = prompt(attn, query, router_input)  # [B, T, heads, hd]
+        got = prompt(layer.moa._attn_view, query, router_input)  # [B, T, heads, hd]
         keys = F.linear(prompt.vectors, attn.k_proj.weight).unflatten(-1, (2, 16)).repeat_interleave(2, 1)
         values = F.linear(prompt.vectors, attn.v_proj.weight).unflatten(-1, (2, 16)).repeat_interleave(2, 1)
         scores = torch.einsum("bhtd,shd->bhts", query, keys) * attn.scaling  # [B, h, T, E*L]

@@ -46,6 +46,7 @@ def _dequantized(linear: torch.nn.Module) -> torch.Tensor:
 @pytest.mark.parametrize("quantization", ["nf4", "fp4", "int8"])
 def test_prompt_keys_values_come_from_the_quantized_projections(quantization: str) -> None:
     from moa_train.core.experts.prompt import PromptExpert
+    from moa_train.core.families import AttentionView
 
     base, _ = _tiny(quantization)
     attn = base.model.layers[0].self_attn
@@ -55,7 +56,8 @@ def test_prompt_keys_values_come_from_the_quantized_projections(quantization: st
         base.config.hidden_size // base.config.num_attention_heads,
     )
     prompt = PromptExpert(base.config.hidden_size, heads, length=5)
-    keys_t, values = prompt._keys_values(attn, heads, head_dim, torch.float32)
+    view = AttentionView(attn, (attn.k_proj, None), (attn.v_proj, None), head_dim)
+    keys_t, values = prompt._keys_values(view, heads, head_dim, torch.float32)
     # reference: plain F.linear on the dequantized weights, repeated over the kv groups
     groups = heads // base.config.num_key_value_heads
     ref_k = F.linear(prompt.vectors, _dequantized(attn.k_proj)).unflatten(-1, (-1, head_dim))
