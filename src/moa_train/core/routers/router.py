@@ -171,30 +171,21 @@ class Router(nn.Module):
         if cfg.load_balance_coef:
             parts, finish = self._balance(out, mask_of("load_balance"), record)
             terms.append(("load_balance", parts, finish, cfg.load_balance_coef))
+
+        def token_mean(name: str, values: torch.Tensor, coef: float) -> None:
+            """A per-token loss averaged over the (masked) tokens: pooled as (sum, count) parts."""
+            terms.append((name, aux_losses.masked_sum(values, mask_of(name)), aux_losses.ratio, coef))
+
         if cfg.z_loss_coef:
             values = torch.logsumexp(logits.reshape(-1, num).float(), dim=-1).square()
-            terms.append(
-                (
-                    "z_loss",
-                    aux_losses.masked_sum(values, mask_of("z_loss")),
-                    aux_losses.ratio,
-                    cfg.z_loss_coef,
-                )
-            )
+            token_mean("z_loss", values, cfg.z_loss_coef)
         if cfg.entropy_coef:
             probs = out.probs.reshape(-1, num)
             if cfg.selection == "dynmole":  # DynMoLE minimises the entropy it routes by
                 values = tsallis_entropy(probs, cfg.entropy_index, cfg.entropy_eps)
             else:
                 values = aux_losses.shannon(probs)
-            terms.append(
-                (
-                    "entropy",
-                    aux_losses.masked_sum(values, mask_of("entropy")),
-                    aux_losses.ratio,
-                    cfg.entropy_coef,
-                )
-            )
+            token_mean("entropy", values, cfg.entropy_coef)
         if cfg.lbc_coef:
             if state.task_types is None:
                 raise MoATrainError(
