@@ -23,13 +23,13 @@ instance masks the routers need.
 
 from __future__ import annotations
 
-import math
 from bisect import bisect_left, insort
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 
+from moa_train.data.tokenize import TrainCollator
 from moa_train.errors import MoATrainError
 
 IGNORE_INDEX = -100
@@ -94,24 +94,14 @@ def pack_examples(
     return packed
 
 
-class PackedCollator:
+class PackedCollator(TrainCollator):
     """Right-pads packed rows: ``input_ids`` with the pad id, ``labels`` -100, ``segment_ids`` 0,
     ``position_ids`` counting on from 0 over the padding (transformers then sees the padding as one more
     sequence, which no real token attends to), ``instance_mask`` 0; ``attention_mask`` is the real-token
     mask (for counting; the model is called with ``attention_mask=None``)."""
 
-    def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
-        if pad_token_id is None:
-            raise MoATrainError("PackedCollator needs a pad token id (use the EOS id when there is none)")
-        self.pad_token_id = int(pad_token_id)
-        self.pad_to_multiple_of = pad_to_multiple_of
-
     def __call__(self, rows: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
-        if not rows:
-            raise MoATrainError("PackedCollator got an empty batch")
-        width = max(len(r["input_ids"]) for r in rows)
-        if self.pad_to_multiple_of:
-            width = int(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        width = self._width(rows)
         shape = (len(rows), width)
         out = {
             "input_ids": torch.full(shape, self.pad_token_id, dtype=torch.long),

@@ -211,16 +211,22 @@ class TrainCollator:
 
     def __init__(self, pad_token_id: int, pad_to_multiple_of: int | None = None) -> None:
         if pad_token_id is None:
-            raise MoATrainError("TrainCollator needs a pad token id (use the EOS id when there is none)")
+            name = type(self).__name__
+            raise MoATrainError(f"{name} needs a pad token id (use the EOS id when there is none)")
         self.pad_token_id = int(pad_token_id)
         self.pad_to_multiple_of = pad_to_multiple_of
 
-    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+    def _width(self, features: Sequence[Mapping[str, Sequence[int]]]) -> int:
+        """The padded length of a batch: its longest row, rounded up to ``pad_to_multiple_of``."""
         if not features:
-            raise MoATrainError("TrainCollator got an empty batch")
+            raise MoATrainError(f"{type(self).__name__} got an empty batch")
         width = max(len(f["input_ids"]) for f in features)
         if self.pad_to_multiple_of:
             width = int(math.ceil(width / self.pad_to_multiple_of) * self.pad_to_multiple_of)
+        return width
+
+    def __call__(self, features: Sequence[Mapping[str, Sequence[int]]]) -> dict[str, torch.Tensor]:
+        width = self._width(features)
         batch = len(features)
         input_ids = torch.full((batch, width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
