@@ -147,3 +147,85 @@ def test_import_linter_contracts_hold() -> None:
     proc = subprocess.run([str(lint)], cwd=root, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     assert f"Contracts: {len(contracts)} kept, 0 broken." in proc.stdout
+
+
+def _statement_lists(node: ast.AST) -> list[list[ast.stmt]]:
+    lists = [
+        getattr(node, name)
+        for name in ("body", "orelse", "finalbody")
+        if isinstance(getattr(node, name, None), list)
+    ]
+    lists += [handler.body for handler in getattr(node, "handlers", [])]
+    lists += [case.body for case in getattr(node, "cases", [])]
+    return [stmts for stmts in lists if stmts and isinstance(stmts[0], ast.stmt)]
+
+
+def uncommented_function_imports(source: str) -> list[int]:
+    """Line numbers of imports inside functions that give no reason for being there. An in-function import
+    is allowed to defer a heavy or optional dependency (or to break an import order), with a comment on
+    its line, on the line directly above, or above the consecutive block of imports it belongs to."""
+    lines = source.splitlines()
+
+    def commented(node: ast.stmt) -> bool:
+        above = lines[node.lineno - 2].strip() if node.lineno > 1 else ""
+        return "#" in lines[node.lineno - 1] or above.startswith("#")
+
+    found: list[int] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for stmts in _statement_lists(node):
+            previous: ast.stmt | None = None
+            covered = False
+            for stmt in stmts:
+                if in_function and isinstance(stmt, ast.Import | ast.ImportFrom):
+                    gap = lines[previous.end_lineno : stmt.lineno - 1] if previous else ["x"]
+                    in_block = covered and isinstance(previous, ast.Import | ast.ImportFrom)
+                    covered = commented(stmt) or (in_block and all(not g.strip() for g in gap))
+                    if not covered:
+                        found.append(stmt.lineno)
+                else:
+                    covered = False
+                previous = stmt
+        for child in ast.iter_child_nodes(node):
+            visit(child, in_function or isinstance(child, ast.FunctionDef | ast.AsyncFunctionDef))
+
+    visit(ast.parse(source), False)
+    return found
+
+
+def test_every_in_function_import_says_why() -> None:
+    """Imports belong at module level; one inside a function must say why it is deferred (a heavy
+    dependency kept off the fast CLI start-up, an optional extra, ...)."""
+    bare = {
+        f"{path.relative_to(SRC).as_posix()}:{line}": path.read_text(encoding="utf-8")
+        .splitlines()[line - 1]
+        .strip()
+        for path in sorted((SRC / "moa_train").rglob("*.py"))
+        for line in uncommented_function_imports(path.read_text(encoding="utf-8"))
+    }
+    assert not bare, f"hoist these imports to module level, or comment why they are deferred: {bare}"
+
+
+def test_the_import_comment_scan_finds_a_bare_import() -> None:
+    source = (
+        "import os\n\n"
+        "def f():\n"
+        "    # deferred: heavy\n"
+        "    import torch\n\n"
+        "    import numpy\n"
+        "    x = 1\n"
+        "    import json\n"
+        "    if x:\n"
+        "        import csv  # deferred: reason\n"
+        "        import re\n"
+        "    try:\n"
+        "        import yaml\n"
+        "    except ImportError:\n"
+        "        pass\n"
+        "    def g():\n"
+        "        # a comment\n"
+        "        import math\n"
+        "        import random\n"
+        "        return math, random\n"
+    )
+    assert uncommented_function_imports(source) == [9, 14]

@@ -9,6 +9,7 @@ one-line :class:`MoATrainError` messages naming the file (missing, not UTF-8, no
 from __future__ import annotations
 
 import contextlib
+import importlib.resources
 import json
 import os
 import secrets
@@ -24,6 +25,17 @@ from moa_train.errors import MoATrainError
 def cache_root() -> Path:
     """``$MOA_TRAIN_CACHE`` or ``~/.cache/moa_train``: converted models, downloads, prepared data."""
     return Path(os.environ.get("MOA_TRAIN_CACHE") or Path.home() / ".cache" / "moa_train").expanduser()
+
+
+def config_dir() -> Path:
+    """The directory holding the packaged Hydra configs (``moa_train.configs``, else the source tree).
+
+    Torch-free on purpose: ``moa-train --help`` lists the config choices from here."""
+    with contextlib.suppress(ModuleNotFoundError, TypeError):
+        found = Path(str(importlib.resources.files("moa_train.configs")))
+        if (found / "decoding").is_dir():
+            return found
+    return Path(__file__).resolve().parents[2] / "configs"
 
 
 # ----------------------------------------------------------------------------------------------------

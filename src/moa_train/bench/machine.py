@@ -3,10 +3,12 @@ measured per variant in a fresh subprocess (a process's peak RSS never goes down
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,7 @@ from moa_train.bench.workload import Runner, Setup, build_base, make_batch
 
 
 def machine_info(device: str) -> dict:
+    # deferred: torch is heavy; keeps moa-bench --help fast
     import torch
 
     info = {
@@ -29,6 +32,7 @@ def machine_info(device: str) -> dict:
         "cpu_capability": getattr(torch.backends.cpu, "get_cpu_capability", lambda: "?")(),
     }
     try:
+        # deferred: heavy, and only their versions are read
         import peft
         import transformers
 
@@ -55,8 +59,6 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
-        import ctypes
-
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         return (
@@ -94,8 +96,7 @@ def pin_malloc() -> str | None:
 
 def memory_probe(setup: Setup, name: str, steps: int) -> dict:
     """Peak memory of ``steps`` training steps of one variant (run in its own process)."""
-    import resource
-
+    # deferred: torch (also via core.memory) is heavy; keeps moa-bench --help fast
     import torch
 
     from moa_train.core.memory import reset_peak_memory, status_kb

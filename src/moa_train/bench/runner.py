@@ -62,12 +62,14 @@ from moa_train.bench.variants import (
 )
 from moa_train.bench.variants import moa_config as moa_config
 from moa_train.bench.workload import Runner, Setup, _resolve_device, build_base, make_batch
+from moa_train.core.compile import compile_seconds
 from moa_train.errors import ArgumentParser, entry_point
 
 __all__ = ["Setup", "attach", "build_base", "machine_info", "main", "moa_config", "run_benchmark"]
 
 
 def run_benchmark(args: argparse.Namespace) -> dict:
+    # deferred: torch is heavy; keeps moa-bench --help fast
     import torch
 
     setup = _setup_from_args(args)
@@ -82,8 +84,6 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     runners = {name: Runner(name, attach(base, name, args.compile_backend), setup.device) for name in names}
 
     # -- training steps, interleaved ------------------------------------------------------------------
-    from moa_train.core.compile import compile_seconds
-
     times: dict[str, list[float]] = {name: [] for name in names}
     cpu_times: dict[str, list[float]] = {name: [] for name in names}
     compile_s: dict[str, list[float]] = {name: [] for name in names}  # per round, warm-up included
@@ -225,6 +225,7 @@ def _variant_names(args: argparse.Namespace, device: str) -> list[str]:
     names = list(MAIN_VARIANTS)
     if not args.no_extras:
         # the sparse implementation that ``auto`` does NOT pick on this device, and telemetry off
+        # deferred: core.layer imports torch
         from moa_train.core.layer import MoAState
 
         auto_gathers = MoAState("auto").use_gather(_probe_tensor(device))
@@ -236,6 +237,7 @@ def _variant_names(args: argparse.Namespace, device: str) -> list[str]:
 
 
 def _probe_tensor(device: str):
+    # deferred: torch is heavy; keeps moa-bench --help fast
     import torch
 
     return torch.empty(
@@ -302,6 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     for attr, value in zip(("steps", "warmup", "decode_tokens", "decode_rounds", "mem_steps"), defaults):
         if getattr(args, attr) is None:
             setattr(args, attr, value)
+    # deferred: torch loads after HF_HUB_OFFLINE is set above
     import torch
 
     if args.threads:

@@ -11,6 +11,8 @@ import copy
 import functools
 from typing import Any
 
+from moa_train.core.compile import compile_model
+
 MAIN_VARIANTS = ("frozen_base", "peft_lora_r16", "soft_moa", "sparse_moa", "molora_8", "top2_moe_lora")
 EXTRA_VARIANTS = ("sparse_moa_gather", "sparse_moa_dense", "soft_moa_no_telemetry")
 COMPILED = "_compiled"  # suffix of a variant run under torch.compile
@@ -61,6 +63,7 @@ def composed(overrides: tuple[str, ...]) -> dict[str, Any]:
 
 @functools.cache
 def _composed(overrides: tuple[str, ...]) -> dict[str, Any]:
+    # deferred: Hydra composes only for a run; keeps moa-bench --help fast
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
     from omegaconf import OmegaConf
@@ -75,6 +78,7 @@ def _composed(overrides: tuple[str, ...]) -> dict[str, Any]:
 
 def moa_config(name: str):
     """The MoAConfig of a MoA variant (None for the frozen base and PEFT LoRA)."""
+    # deferred: core.config takes ~10 ms to import; keeps moa-bench --help at its floor
     from moa_train.core.config import MoAConfig
 
     if name in (FLOOR, BASELINE) or name not in VARIANT_OVERRIDES:
@@ -95,6 +99,7 @@ def share_weights_copy(base):
 
 def peft_lora_config():
     """PEFT's LoraConfig with the targets, rank, alpha and dropout of ``experts=lora_r16``."""
+    # deferred: peft is heavy, core.config ~10 ms; keeps moa-bench --help fast
     import peft
 
     from moa_train.core.config import DEFAULT_SITE_MODULES
@@ -110,8 +115,6 @@ def peft_lora_config():
 def attach(base, name: str, backend: str = "inductor"):
     """Variant ``name`` on a weight-sharing copy of the (frozen) base model (``*_compiled``: compiled)."""
     if name.endswith(COMPILED):
-        from moa_train.core.compile import compile_model
-
         model = attach(base, name.removesuffix(COMPILED))
         if hasattr(model, "moa_config"):
             return compile_model(model, backend=backend, option="--compile")  # one graph, as moa-train does
@@ -124,10 +127,11 @@ def attach(base, name: str, backend: str = "inductor"):
         model.enable_input_require_grads()  # activation gradients through every layer, no weight grads
         return model
     if name == BASELINE:
+        # deferred: peft is heavy; keeps moa-bench --help fast
         import peft
 
         return peft.get_peft_model(model, peft_lora_config())
-    from moa_train.core.model import get_moa_model
+    from moa_train.core.model import get_moa_model  # deferred: loads torch and transformers
 
     moa = get_moa_model(model, moa_config(name))
     moa.set_telemetry(name != "soft_moa_no_telemetry")

@@ -3,6 +3,7 @@ that times one training step or one greedy decode of a variant."""
 
 from __future__ import annotations
 
+import random
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -22,6 +23,7 @@ class Setup:
 
 
 def _resolve_device(device: str) -> str:
+    # deferred: torch is heavy; keeps moa-bench --help fast
     import torch
 
     if device == "auto":
@@ -31,6 +33,7 @@ def _resolve_device(device: str) -> str:
 
 def build_base(setup: Setup):
     """(model, tokenizer or None, info): the frozen base model (its configs/model preset) in eval mode."""
+    # deferred: torch/transformers load after the runner sets HF_HUB_OFFLINE
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -79,8 +82,7 @@ def build_base(setup: Setup):
 
 def make_batch(tokenizer, vocab_size: int, batch: int, seq: int, seed: int, device: str) -> dict:
     """A deterministic batch: Alpaca-style arithmetic text when a tokenizer exists, else random ids."""
-    import random
-
+    # deferred: torch is heavy; keeps moa-bench --help fast
     import torch
 
     rng = random.Random(seed)
@@ -111,6 +113,7 @@ def make_batch(tokenizer, vocab_size: int, batch: int, seq: int, seed: int, devi
 
 
 def _sync(device: str) -> None:
+    # deferred: torch is heavy; keeps moa-bench --help fast
     import torch
 
     if device.startswith("cuda"):
@@ -121,6 +124,7 @@ class Runner:
     """A variant with its optimizer; ``step()`` is one timed training step."""
 
     def __init__(self, name: str, model, device: str) -> None:
+        # deferred: torch is heavy; keeps moa-bench --help fast
         import torch
 
         self.name, self.model, self.device = name, model, device
@@ -133,6 +137,7 @@ class Runner:
 
     def step(self, batch: dict) -> float:
         """One training step; returns its wall-clock seconds (``last_cpu_s``: process CPU seconds)."""
+        # deferred: torch is heavy; keeps moa-bench --help fast
         import torch
 
         self.model.train()
@@ -152,6 +157,7 @@ class Runner:
 
     def generate_time(self, prompt: dict, new_tokens: int, pad_id: int, telemetry: bool = False) -> float:
         """Seconds for greedy generate(); router telemetry off by default, as evaluate_records() runs it."""
+        # deferred: torch is heavy; keeps moa-bench --help fast
         import torch
 
         self.model.eval()

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
 from moa_train.core.config import MoAConfig
 from moa_train.errors import MoATrainError
+from moa_train.rundir import resolve_checkpoint
 
 __all__ = ["DTYPES", "FORMATS", "export", "lora_deltas", "routed_reason", "run_from_config"]
 
@@ -62,6 +63,7 @@ def lora_deltas(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float
 
     ``model`` is a MoAModel of a configuration :func:`routed_reason` accepts.
     """
+    # deferred: core.inject loads transformers; a bad option fails before it loads
     from moa_train.core.inject import find_decoder_layers, model_family
 
     base = model.base_model
@@ -93,6 +95,7 @@ def lora_deltas(model: Any) -> dict[str, tuple[torch.Tensor, torch.Tensor, float
 
 def _peft_model(base: nn.Module, deltas: dict, cfg: MoAConfig, base_name: str) -> Any:
     """A PEFT LoRA model over ``base`` holding exactly ``deltas`` (rank and alpha per module)."""
+    # deferred: peft is heavy and only the peft format needs it
     from peft import LoraConfig, get_peft_model
 
     r0, alpha0 = cfg.lora_rank, float(cfg.lora_alpha)
@@ -148,8 +151,8 @@ def export(
     Everything that can be checked without the model is checked first (format, dtype, out, the
     checkpoint's config and base model); nothing is written until the export is complete.
     """
+    # deferred: core.model loads transformers; a bad option fails before it loads
     from moa_train.core.model import MoAModel
-    from moa_train.rundir import resolve_checkpoint
 
     if fmt not in FORMATS:
         raise MoATrainError(f"format={fmt!r} is not known; choose {' or '.join(FORMATS)}")
@@ -178,8 +181,8 @@ def export(
         raise MoATrainError(
             "the checkpoint's base model is quantized; LoRA deltas merge only into full-precision weights"
         )
-    from omegaconf import OmegaConf
 
+    # deferred: the model stack loads only after the config validates
     from moa_train.eval.checkpoints import base_model_node
     from moa_train.models.base import load_base_model
 

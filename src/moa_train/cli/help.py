@@ -12,13 +12,13 @@ import textwrap
 
 from omegaconf import OmegaConf
 
+from moa_train.files import config_dir
+
 
 def group_choices(*groups: str) -> str:
     """One ``group: option, option, ...`` line per group (options = the packaged yaml files), wrapped.
 
     ``group-option`` leaves out an option the command does not use (moa-eval: ``logger-tensorboard``)."""
-    from moa_train.eval.decoding import config_dir
-
     root = config_dir()
     lines = []
     for entry in groups:

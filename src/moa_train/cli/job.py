@@ -20,9 +20,16 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from hydra import compose
+from hydra.core.hydra_config import HydraConfig
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train import rundir
+from moa_train.cli import sweep_jobs
+from moa_train.cli.launch import join_run, launch_workers
+from moa_train.cli.sweep_jobs import existing_run
 from moa_train.cli.validate import validate
 from moa_train.errors import MoATrainError, Preempted
 from moa_train.files import read_json, write_atomic, write_new
@@ -58,11 +65,6 @@ LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 def run(cfg: DictConfig) -> Any:
     """Body of ``moa-train``. A sweep job returns its objective, leaves the reason of a failure in its
     folder and, stopped by a signal under submitit, is requeued (``moa_train.cli.sweep_jobs``)."""
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
-    from moa_train.cli import sweep_jobs
-
     hc = HydraConfig.get()
     if hc.mode != RunMode.MULTIRUN:
         return _run(cfg)
@@ -78,9 +80,7 @@ def run(cfg: DictConfig) -> Any:
 
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.types import RunMode
-
+    # deferred: torch and transformers load after the config validates
     from moa_train.train.recipe import dry_run, train
 
     hc = HydraConfig.get()
@@ -97,15 +97,14 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         return summary
 
     if int(cfg.launcher.get("machine_rank") or 0) > 0:  # a further machine: global rank 0 writes the run dir
-        from moa_train.cli.launch import join_run
-
         explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
         return join_run(cfg, run_dir, explicit or bool(cfg.get("resume")))
 
+    # deferred (here and below): moa_train.data and train.validation load torch; cli.job stays torch-free
     from moa_train.data import load_splits
 
     splits = load_splits(cfg.data)  # a bad data file fails here, before the run dir is claimed
-    from moa_train.train.validation import split_validation
+    from moa_train.train.validation import split_validation  # deferred: loads torch (see above)
 
     splits = split_validation(splits, cfg)  # the validation split and its options, also before the run dir
     split = str(cfg.final_eval.get("split"))
@@ -124,8 +123,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
     elif multirun:  # a numbered job folder of this sweep, where Hydra already wrote .hydra/
         config_path = run_dir / rundir.CONFIG_NAME
         if not write_new(config_path, config_text):  # the sweep again, or a requeued job: skip or resume
-            from moa_train.cli.sweep_jobs import existing_run
-
             finished = existing_run(cfg, run_dir, config_text)
             if finished is not None:
                 return finished
@@ -146,8 +143,6 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
         with _log_file(run_dir / "train.log"):
             log.info("run dir: %s", run_dir)
             if cfg.launcher.name in ("accelerate", "fsdp"):
-                from moa_train.cli.launch import launch_workers
-
                 launch_workers(cfg, run_dir, config_path)
                 return rundir.read_summary(run_dir)
             return train(cfg, run_dir, splits=splits)
@@ -220,10 +215,6 @@ def resumed_config(cfg: DictConfig, overrides: list[str]) -> tuple[DictConfig, P
 def command_line_changes(cfg: DictConfig, overrides: list[str]) -> dict[str, Any]:
     """Leaf keys (dotted) whose value the command line set: ``cfg`` against the same config composed
     without the command line, plus every key a dotted override names (even at its default)."""
-    from hydra import compose
-    from hydra.core.hydra_config import HydraConfig
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-
     here = _flat(cfg)
     base = _flat(compose(config_name=HydraConfig.get().job.config_name, overrides=[]))
     changes = {k: v for k, v in here.items() if base.get(k, _MISSING) != v}

@@ -149,6 +149,7 @@ def _free_port() -> int:
 
 
 def _cuda_available() -> bool:
+    # deferred: torch is heavy; only the launcher's GPU count needs it
     import torch
 
     return torch.cuda.is_available()

@@ -63,11 +63,14 @@ def _train(cfg: DictConfig) -> Any:
 
 @hydra.main(version_base="1.3", config_path="pkg://moa_train.configs", config_name="eval")
 def _eval(cfg: DictConfig) -> Any:
-    from moa_train.cli.validate import validate
-    from moa_train.eval import run_from_config
-
     def body(cfg: DictConfig) -> Any:
+        # deferred: cli.validate (~8 ms) is not needed by --help; moa_train.eval loads torch, so it comes
+        # only after the config validated (a bad value fails in about a second)
+        from moa_train.cli.validate import validate
+
         validate(cfg, "eval")  # every value, before a checkpoint or model is read
+        from moa_train.eval import run_from_config  # deferred: loads torch (see above)
+
         return run_from_config(cfg)
 
     return _job(body, cfg)
@@ -75,11 +78,14 @@ def _eval(cfg: DictConfig) -> Any:
 
 @hydra.main(version_base="1.3", config_path="pkg://moa_train.configs", config_name="export")
 def _export(cfg: DictConfig) -> Any:
-    from moa_train.cli.export import run_from_config
-    from moa_train.cli.validate import validate
-
     def body(cfg: DictConfig) -> Any:
+        # deferred: cli.validate (~8 ms) is not needed by --help; cli.export loads torch, so it comes
+        # only after the config validated (a bad value fails in about a second)
+        from moa_train.cli.validate import validate
+
         validate(cfg, "export")  # every key and value, before the checkpoint or the model is read
+        from moa_train.cli.export import run_from_config  # deferred: loads torch (see above)
+
         return run_from_config(cfg)
 
     return _job(body, cfg)

@@ -31,6 +31,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train import rundir
@@ -119,6 +120,7 @@ def requeue_if_submitit(exc: Preempted) -> None:
     SIGUSR2 handler checkpoints the job's arguments, requeues it and exits; elsewhere this returns."""
     if not in_submitit_job():
         return
+    # deferred: optional dependency, present only under the submitit launcher
     from submitit import JobEnvironment
 
     sig = JobEnvironment._usr_sig()
@@ -144,7 +146,6 @@ def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
     """(key, saved value, current value) for every key whose value differs. A key only one side has
     counts only when it is switched on (not null, false, 0 or empty): a newer moa_train may add
     options, off by default, between the sessions of a long sweep, and the run continues exactly."""
-    import yaml
 
     def flat(text: str) -> dict[str, Any]:
         out: dict[str, Any] = {}

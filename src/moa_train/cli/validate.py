@@ -17,6 +17,7 @@ and then by ``MoAConfig`` itself, so new MoA options need no row here.
 
 from __future__ import annotations
 
+import importlib.util
 from collections.abc import Callable
 
 from omegaconf import DictConfig, OmegaConf
@@ -25,8 +26,8 @@ from moa_train.cli.keys import check_keys
 from moa_train.cli.rules import ABSENT as _ABSENT
 from moa_train.cli.rules import Bool, Choice, Float, Floats, Int, Rule, Str, Strs
 from moa_train.cli.rules import get as _get
-from moa_train.core.compile import COMPILE_MODES
-from moa_train.core.config import check_moa_config
+from moa_train.core.compile import COMPILE_MODES, check_compilable
+from moa_train.core.config import MoAConfig, check_moa_config
 from moa_train.errors import MoATrainError
 from moa_train.models.options import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, QUANTIZATIONS, SOURCES
 from moa_train.rundir import show_value as _show
@@ -296,7 +297,6 @@ def _check_quantization(cfg: DictConfig) -> None:
     kind = _get(cfg, "model.quantization", None)
     if kind in (None, _ABSENT):
         return
-    import importlib.util
 
     if importlib.util.find_spec("bitsandbytes") is None:
         raise MoATrainError(
@@ -310,6 +310,7 @@ def _check_final_eval(cfg: DictConfig) -> None:
     """A decoding preset that does not exist would only fail after training."""
     decoding = _get(cfg, "final_eval.decoding", None)
     if _get(cfg, "final_eval.enabled", False) is True and isinstance(decoding, str):
+        # deferred: moa_train.eval loads torch; validation stays torch-free otherwise
         from moa_train.eval.decoding import DecodingConfig
 
         try:
@@ -325,6 +326,7 @@ def _check_moa(cfg: DictConfig) -> None:
     if not isinstance(moa, DictConfig):
         return
     check_moa_config(OmegaConf.to_container(moa, resolve=True), "moa")
+    # deferred: moa_train.data loads torch; only a task-typed MoA config needs it
     from moa_train.data import task_types
 
     task_types.check_config(cfg)  # LoRAMoE's LBC needs per-example task types from the data
@@ -334,16 +336,14 @@ def _check_compile(cfg: DictConfig) -> None:
     """trainer.compile=true: the MoA configuration must compile as one graph (not the gather path)."""
     moa = _get(cfg, "moa")
     if _get(cfg, "trainer.compile", False) is True and isinstance(moa, DictConfig):
-        from moa_train.core.compile import check_compilable
-        from moa_train.core.config import MoAConfig
-
         check_compilable(MoAConfig.from_dict(OmegaConf.to_container(moa, resolve=True)), "trainer.compile")
 
 
 def _check_eval_logger(cfg: DictConfig) -> None:
-    if _get(cfg, "logger.name") == "tensorboard":
+    name = _get(cfg, "logger.name")
+    if name in ("tensorboard", "mlflow"):  # moa-eval would ignore them: refuse rather than drop silently
         raise MoATrainError(
-            "moa-eval reports to logger=wandb or logger=none; tensorboard holds training curves only "
+            f"moa-eval reports to logger=wandb or logger=none; logger={name} is for training runs only "
             "(the results are in <checkpoint>/eval/<preset>/)"
         )
 
@@ -365,8 +365,6 @@ def _check_eval_limit(cfg: DictConfig) -> None:
 
 def _check_logger(cfg: DictConfig) -> None:
     """logger=mlflow needs the optional mlflow client; without it the logger would only warn at start."""
-    import importlib.util
-
     if _get(cfg, "logger.name", None) == "mlflow" and importlib.util.find_spec("mlflow") is None:
         raise MoATrainError(
             'logger=mlflow needs the MLflow client: pip install "moa_train[mlflow]" (or pick logger=wandb|tensorboard|none)'

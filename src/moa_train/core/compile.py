@@ -50,6 +50,7 @@ def _prepare(model: Any, mode: str | None, option: str) -> str:
     mode = mode or "default"
     if mode not in COMPILE_MODES:
         raise MoATrainError(f"{option}_mode={mode!r} is not known; choose one of {', '.join(COMPILE_MODES)}")
+    # deferred: cli.validate imports this module and must not load torch
     import torch
 
     check_compilable(getattr(model, "moa_config", None), option)
@@ -73,6 +74,7 @@ def compile_model(
     A forward that still breaks the graph stops with a one-line error naming the cause. ``backend``:
     a torch.compile backend (tests use "aot_eager": the same graphs and autograd, no code generation).
     """
+    # deferred: cli.validate imports this module and must not load torch
     import torch
 
     mode = _prepare(model, mode, option)
@@ -103,6 +105,7 @@ def compile_decoding(
     Instance-level routers are refused: they cache one gate vector per sequence at prefill and reuse it
     while decoding, and with a static cache "is this the prefill" is a tensor test, not a Python one.
     """
+    # deferred: transformers is heavy; cli.validate imports this module
     from transformers.generation.configuration_utils import CompileConfig
 
     mode = _prepare(model, mode, option)

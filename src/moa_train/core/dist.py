@@ -12,11 +12,13 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from moa_train.core.inject import find_decoder_layers
 
 
 def is_dtensor(t: Any) -> bool:
-    from torch.distributed.tensor import DTensor
-
     return isinstance(t, DTensor)
 
 
@@ -31,7 +33,6 @@ def like_param(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     full = full.to(device=param.device, dtype=param.dtype)
     if not is_dtensor(param):
         return full
-    from torch.distributed.tensor import distribute_tensor
 
     return distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None)
 
@@ -56,8 +57,6 @@ def shard_like_params(
 def gathered_adapters(model: Any) -> Iterator[None]:
     """While inside, the adapters are whole tensors on every rank (``adapter_state_dict()`` /
     ``save_pretrained`` see the full weights). A collective: enter on every rank. No-op unsharded."""
-    from moa_train.core.inject import find_decoder_layers
-
     units = [
         layer.moa for layer in find_decoder_layers(model.base_model) if _is_fsdp(getattr(layer, "moa", None))
     ]
@@ -71,8 +70,6 @@ def gathered_adapters(model: Any) -> Iterator[None]:
 
 
 def _is_fsdp(module: nn.Module | None) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(module, FSDPModule)
 
 

@@ -38,6 +38,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from moa_train.data import arithmetic, bigbench, packaged
 from moa_train.data.records import (
     ANSWER_TYPES,
     dataset_name_for,
@@ -95,13 +98,8 @@ def cfg_value(cfg: Any, key: str, default: Any = None) -> Any:
         raise
     if value is None or value == "???":
         return default
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
     return value
 
 
@@ -130,14 +128,9 @@ def _resolve_paths(cfg: Any, key: str, name: str, hint: str) -> list[Path]:
 
 def _is_missing(cfg: Any, key: str) -> bool:
     """True when the field is the mandatory marker ``???`` (not merely null/absent)."""
-    try:
-        from omegaconf import DictConfig, OmegaConf
-
-        if isinstance(cfg, DictConfig):
-            # note: `key in cfg` is False for a ??? value
-            return key in cfg.keys() and OmegaConf.is_missing(cfg, key)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(cfg, DictConfig):
+        # note: `key in cfg` is False for a ??? value
+        return key in cfg.keys() and OmegaConf.is_missing(cfg, key)
     return hasattr(cfg, "get") and cfg.get(key) == "???"
 
 
@@ -170,8 +163,6 @@ def _load_generated(cfg: Any, name: str, source: str) -> dict[str, list[dict[str
     tasks = _as_list(cfg_value(cfg, "tasks"))
     test_per_task = cfg_value(cfg, "test_per_task")
     if source == "arithmetic":
-        from moa_train.data import arithmetic
-
         splits = arithmetic.build_splits(
             tasks,
             items_per_task=int(cfg_value(cfg, "items_per_task", 1000)),
@@ -180,16 +171,12 @@ def _load_generated(cfg: Any, name: str, source: str) -> dict[str, list[dict[str
             arith_format=str(cfg_value(cfg, "arith_format", "equation")),
         )
     elif source == "packaged":
-        from moa_train.data import packaged
-
         splits = packaged.build_splits(
             str(cfg_value(cfg, "package", name)),
             tasks,
             None if test_per_task is None else int(test_per_task),
         )
     else:
-        from moa_train.data import bigbench
-
         splits = bigbench.prepare(
             name,
             tasks,

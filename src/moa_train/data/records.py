@@ -17,6 +17,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from moa_train.data.answers import infer_answer_type as _infer
+from moa_train.data.chat import chat_record, is_chat_record
 from moa_train.errors import MoATrainError
 
 ANSWER_TYPES = ("numeric", "label", "letter")
@@ -37,8 +39,6 @@ def infer_answer_type(dataset: str, answers: Iterable[Any] = ()) -> str:
 
     Delegates to the evaluator's rule table so that training data and evaluation agree.
     """
-    from moa_train.data.answers import infer_answer_type as _infer
-
     return _infer(dataset, [str(a) for a in answers])
 
 
@@ -82,7 +82,6 @@ def validate_record(item: Any, index: int, source: str, split: str = "train") ->
     """
     if not isinstance(item, Mapping):
         raise MoATrainError(f"{source}: record {index} is a {type(item).__name__}, expected a JSON object")
-    from moa_train.data.chat import chat_record, is_chat_record
 
     if is_chat_record(item):  # messages / ShareGPT conversations (data/chat.py)
         return chat_record(item, f"{source}: record {index}")
@@ -157,6 +156,7 @@ def load_hub_records(
     limit: int | None = None,
 ) -> list[dict[str, Any]]:
     """Records of a Hugging Face hub dataset split with LLM-Adapters columns."""
+    # deferred: datasets is heavy and only Hub sources need it
     import datasets
 
     try:

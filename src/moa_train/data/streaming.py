@@ -22,6 +22,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from moa_train.data import cfg_value
+from moa_train.data.records import infer_answer_type, validate_record
 from moa_train.errors import MoATrainError
 
 
@@ -119,9 +121,6 @@ def record_converter(data_cfg: Any) -> Callable[[Any, str, int], dict[str, Any]]
     (``validate_record``, chat records included), then ``dataset`` (``data.name``) and ``answer_type``
     (``data.answer_type``, the record's own, else inferred from the dataset name: a stream's answers are
     not all known up front)."""
-    from moa_train.data import cfg_value
-    from moa_train.data.records import infer_answer_type, validate_record
-
     name = str(cfg_value(data_cfg, "name", "data"))
     answer_type = cfg_value(data_cfg, "answer_type")
     inferred = answer_type or infer_answer_type(name)

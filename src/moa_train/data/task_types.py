@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from moa_train.data import cfg_value
 from moa_train.errors import MoATrainError
 
 HINT = (
@@ -20,15 +21,11 @@ HINT = (
 
 
 def configured(data_cfg: Any) -> bool:
-    from moa_train.data import cfg_value
-
     return bool(cfg_value(data_cfg, "task_type_field") or cfg_value(data_cfg, "task_types"))
 
 
 def check_config(cfg: Any) -> None:
     """Before anything loads: an LBC coefficient needs task types, and a task-type map holds only 0/1."""
-    from moa_train.data import cfg_value
-
     moa, data = cfg_value(cfg, "moa") or {}, cfg_value(cfg, "data") or {}
     lbc = max(float((moa.get(r) or {}).get("lbc_coef") or 0.0) for r in ("router", "site_router"))
     mapping = cfg_value(data, "task_types")
@@ -46,8 +43,6 @@ def check_config(cfg: Any) -> None:
 
 def assign(records: Sequence[Mapping[str, Any]], data_cfg: Any) -> list[Mapping[str, Any]]:
     """The records with a ``task_type`` (0/1) each when task types are configured, else unchanged."""
-    from moa_train.data import cfg_value
-
     field, mapping = cfg_value(data_cfg, "task_type_field"), cfg_value(data_cfg, "task_types") or {}
     if not field and not mapping:
         return list(records)

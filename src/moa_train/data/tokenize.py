@@ -34,6 +34,7 @@ from typing import Any
 
 import torch
 
+from moa_train.data.chat import encode_chat
 from moa_train.data.template import TEMPLATES, build_prompt, chat_user_text
 from moa_train.errors import MoATrainError
 
@@ -122,8 +123,6 @@ def _encode(
 ) -> tuple[dict[str, list[int]], int, bool]:
     """(example, prompt length, whether the whole response + EOS fit)."""
     if record.get("messages"):  # a chat record: its own chat template whatever data.template says
-        from moa_train.data.chat import encode_chat
-
         example, complete = encode_chat(record["messages"], tokenizer, max_len, train_on_inputs, where)
         supervised = [i for i, label in enumerate(example["labels"][1:], 1) if label != IGNORE_INDEX]
         return example, supervised[0] if supervised else len(example["input_ids"]), complete

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train.data.template import TEMPLATES
@@ -31,8 +32,6 @@ log = logging.getLogger(__name__)
 def _task_overrides(cfg: DictConfig) -> list[str]:
     """The command-line overrides of this run (HydraConfig when running, else a composed ``hydra`` node)."""
     with contextlib.suppress(Exception):
-        from hydra.core.hydra_config import HydraConfig
-
         if HydraConfig.initialized():
             return list(HydraConfig.get().overrides.task)
     node = OmegaConf.select(cfg, "hydra.overrides.task", default=None)
@@ -69,6 +68,7 @@ def load_model_for_eval(
     as moa-train does ("frozen base in the compute dtype"): the residual stream then has the same
     dtype as during training and its final evaluation, not just the autocast matmuls.
     """
+    # deferred: transformers loads only when a model is loaded, after validation
     from moa_train.core.model import MoAModel
     from moa_train.models.base import load_base_model, place_base
 

@@ -2,26 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train.errors import MoATrainError
-
-
-def config_dir() -> Path:
-    """The directory holding the packaged Hydra configs (``moa_train.configs``, else the source tree)."""
-    with contextlib.suppress(ModuleNotFoundError, TypeError):
-        import importlib.resources
-
-        found = Path(str(importlib.resources.files("moa_train.configs")))
-        if (found / "decoding").is_dir():
-            return found
-    return Path(__file__).resolve().parents[3] / "configs"
+from moa_train.files import config_dir
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ from typing import Any
 
 import torch
 
+from moa_train.data import encode_prompt_ids
+from moa_train.data.chat import chat_prompt_ids
 from moa_train.errors import MoATrainError
 from moa_train.eval.decoding import DecodingConfig
 
@@ -97,11 +99,7 @@ def eos_token_ids(model: torch.nn.Module, tokenizer: Any) -> list[int]:
 def encode_prompt(tokenizer: Any, record: Mapping[str, Any], template: str = "alpaca") -> list[int]:
     """Token ids of a record's prompt (``template``: alpaca | chat), tokenised exactly as training
     tokenises its prompt part."""
-    from moa_train.data import encode_prompt_ids
-
     if record.get("messages"):  # a chat record: the conversation before its last assistant turn
-        from moa_train.data.chat import chat_prompt_ids
-
         return chat_prompt_ids(record["messages"], tokenizer)
     return encode_prompt_ids(tokenizer, str(record["instruction"]), str(record.get("input") or ""), template)
 

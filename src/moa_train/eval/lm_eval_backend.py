@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +52,7 @@ def summarize_task(name: str, metrics: Mapping[str, Any], n: int | None) -> dict
 
 
 def _task_manager(include_path: str | Sequence[str] | None, include_defaults: bool = True) -> Any:
+    # deferred: optional extra [lm-eval]
     from lm_eval.tasks import TaskManager
 
     paths = [include_path] if isinstance(include_path, str | Path) else list(include_path or [])
@@ -84,6 +86,7 @@ def run_lm_eval(
     ``include_defaults=False`` indexes only ``include_path`` (seconds faster); ``log_samples`` adds
     lm-eval's per-document records under ``samples``.
     """
+    # deferred: optional extra [lm-eval]
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
 
@@ -150,8 +153,6 @@ def run_lm_eval(
 
 
 def _version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
     try:
         return version("lm_eval")
     except PackageNotFoundError:

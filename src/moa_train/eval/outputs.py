@@ -41,7 +41,9 @@ def _json_safe(value: Any) -> Any:
 
 
 def write_predictions(path: Path, predictions: Sequence[Mapping[str, Any]]) -> None:
-    write_atomic(path, "".join(json.dumps(_json_safe(dict(row)), ensure_ascii=False) + "\n" for row in predictions))
+    write_atomic(
+        path, "".join(json.dumps(_json_safe(dict(row)), ensure_ascii=False) + "\n" for row in predictions)
+    )
 
 
 def markdown_table(results: Mapping[str, Any]) -> str:
@@ -61,6 +63,7 @@ def save_router_outputs(
     out_dir: Path, router: Mapping[str, Mapping[str, Any]], cases: Sequence[Mapping[str, Any]]
 ) -> dict[str, Any]:
     """router_stats.json, one layer x expert heat-map of the mean gate per dataset, router_cases.json."""
+    # deferred: matplotlib loads only when a heatmap is drawn
     from moa_train.eval.plots import save_heatmap
 
     write_json(out_dir / "router_stats.json", router)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from moa_train.core.compile import compile_decoding
 from moa_train.errors import MoATrainError
 from moa_train.eval.checkpoints import (
     RunSettings,
@@ -22,6 +23,7 @@ from moa_train.eval.checkpoints import (
     resolve_run_settings,
     training_run_id,
 )
+from moa_train.eval.lm_eval_backend import run_lm_eval
 from moa_train.eval.outputs import (
     log_to_wandb,
     markdown_table,
@@ -74,8 +76,6 @@ def _evaluate_lm_eval(
     cfg: DictConfig, model: torch.nn.Module, tokenizer: Any, settings: RunSettings
 ) -> dict[str, Any]:
     """lm-eval tasks, reshaped into the same per-dataset rows as the generate protocol."""
-    from moa_train.eval.lm_eval_backend import run_lm_eval
-
     eval_cfg = OmegaConf.to_container(cfg.eval, resolve=True)
     output = run_lm_eval(
         model,
@@ -124,8 +124,6 @@ def run_from_config(cfg: DictConfig) -> dict[str, Any]:
     )
     model, tokenizer, model_node = load_model_for_eval(cfg, ckpt_dir, settings.precision)
     if cfg.get("compile") and backend == "generate":  # compiled decoding steps (static KV cache)
-        from moa_train.core.compile import compile_decoding
-
         compile_decoding(model, cfg.get("compile_mode"))
     out_dir = resolve_output_dir(cfg, ckpt_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -10,8 +10,10 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from moa_train.data import load_records, load_splits
 from moa_train.errors import MoATrainError
 from moa_train.eval.scoring import validate_records
+from moa_train.files import config_dir
 
 log = logging.getLogger(__name__)
 
@@ -28,8 +30,6 @@ def load_llm_adapters_file(
     The dataset is named after the folder for the ``<Dataset>/test.json`` layout, else after the file.
     Reading and validation are the data module's (one-line errors naming the file, record and field).
     """
-    from moa_train.data import load_records
-
     return load_records(path, dataset=dataset, split="test", answer_type=answer_type, limit=limit)
 
 
@@ -127,8 +127,6 @@ def _data_sources(eval_cfg: Mapping[str, Any], run_cfg: Any) -> list[tuple[Any, 
 
 def eval_presets() -> list[str]:
     """Names of the packaged moa-eval presets (configs/eval/*.yaml)."""
-    from moa_train.eval.decoding import config_dir
-
     return sorted(p.stem for p in (config_dir() / "eval").glob("*.yaml"))
 
 
@@ -149,8 +147,6 @@ def _data_module_records(
     data_cfg: Any, split: str, limit: int | None, hint: str = ""
 ) -> list[dict[str, Any]]:
     """Records of one split of a data-group node (e.g. the generated arithmetic tasks) via ``load_splits``."""
-    from moa_train.data import load_splits
-
     splits = load_splits(data_cfg)
     if split not in splits or not splits[split]:
         what = (

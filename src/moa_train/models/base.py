@@ -33,6 +33,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import constants
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from safetensors.torch import save_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, GenerationConfig
 
 from moa_train.errors import MoATrainError
 from moa_train.models.options import ATTN_IMPLEMENTATIONS, DTYPE_NAMES, QUANTIZATIONS, SOURCES
@@ -50,13 +54,8 @@ def _get(cfg: Any, key: str, default: Any = None) -> Any:
 
 def _plain(value: Any) -> Any:
     """DictConfig/ListConfig -> plain containers (transformers configs must not hold OmegaConf nodes)."""
-    try:
-        from omegaconf import DictConfig, ListConfig, OmegaConf
-
-        if isinstance(value, DictConfig | ListConfig):
-            return OmegaConf.to_container(value, resolve=True)
-    except ImportError:  # pragma: no cover - omegaconf is a dependency
-        pass
+    if isinstance(value, DictConfig | ListConfig):
+        return OmegaConf.to_container(value, resolve=True)
     return dict(value) if isinstance(value, Mapping) else value
 
 
@@ -86,8 +85,6 @@ def ensure_pad_token(tokenizer: Any) -> Any:
 
 def load_tokenizer(spec: str) -> Any:
     """``smollm2`` (the cached SmolLM2 tokenizer) or a hub id / local directory; with a pad token."""
-    from transformers import AutoTokenizer
-
     if spec == "smollm2":
         return ensure_pad_token(AutoTokenizer.from_pretrained(smollm2_tokenizer_dir()))
     try:
@@ -99,8 +96,6 @@ def load_tokenizer(spec: str) -> Any:
 
 def _unavailable(ref: str, field: str, exc: BaseException) -> MoATrainError:
     """One-line error for a hub id / directory that cannot be loaded."""
-    from huggingface_hub import constants
-
     offline = bool(constants.HF_HUB_OFFLINE)
     first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     local = Path(ref).expanduser()
@@ -165,8 +160,6 @@ def _load_smollm2(
 def _load_hub(
     model_cfg: Any, dtype: torch.dtype, attn: str, quantization: Any, empty: bool
 ) -> tuple[torch.nn.Module, Any]:
-    from transformers import AutoConfig
-
     ref = _get(model_cfg, "name_or_path")
     if not ref:
         raise MoATrainError("model.name_or_path is required for model.source=hub (a hub id or a local dir)")
@@ -187,8 +180,6 @@ def _load_hub(
 
 def build_arch_config(model_cfg: Any, attn: str = "sdpa") -> Any:
     """transformers config from the inline ``arch`` dict (must name its ``model_type``)."""
-    from transformers import AutoConfig
-
     arch = _plain(_get(model_cfg, "arch"))
     if not isinstance(arch, dict) or "model_type" not in arch:
         raise MoATrainError("model.arch must be a mapping with a model_type (e.g. {model_type: llama, ...})")
@@ -206,8 +197,6 @@ def _build_from_arch(
     model_cfg: Any, dtype: torch.dtype, attn: str, tiny: bool, empty: bool = False
 ) -> tuple[torch.nn.Module, Any]:
     """Random-init model of the inline architecture; meta device for shape-only dry runs."""
-    from transformers import AutoModelForCausalLM
-
     config = build_arch_config(model_cfg, attn)
     tokenizer = load_tokenizer(str(_get(model_cfg, "tokenizer", "smollm2")))
     if tiny and config.vocab_size < len(tokenizer):
@@ -256,7 +245,6 @@ def quantization_config(model_cfg: Any, dtype: torch.dtype) -> Any:
     # bitsandbytes' CPU backend warns at import that an optional hub kernel package is absent; the
     # built-in kernels it falls back to are what the CPU runs use, so the warning is noise here
     logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-    from transformers import BitsAndBytesConfig
 
     if kind == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)
@@ -269,8 +257,6 @@ def quantization_config(model_cfg: Any, dtype: torch.dtype) -> Any:
 
 
 def _from_pretrained(ref: str, dtype: torch.dtype, attn: str, trust: bool, quantization: Any) -> Any:
-    from transformers import AutoModelForCausalLM
-
     extra: dict[str, Any] = {}
     if quantization is not None:
         extra["quantization_config"] = quantization
@@ -284,8 +270,6 @@ def _from_pretrained(ref: str, dtype: torch.dtype, attn: str, trust: bool, quant
 
 def _empty_from_pretrained_config(ref: str, dtype: torch.dtype, attn: str, trust: bool) -> Any:
     """The architecture of a saved model on the meta device, with its generation config (no weights)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
     config = AutoConfig.from_pretrained(ref, trust_remote_code=trust)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(
@@ -298,8 +282,6 @@ def _empty_from_pretrained_config(ref: str, dtype: torch.dtype, attn: str, trust
 
 def _quantize_built(model: torch.nn.Module, quantization: Any, dtype: torch.dtype, attn: str) -> Any:
     """Quantize a random-init model the way a hub checkpoint is: save it, load it with the bnb config."""
-    from safetensors.torch import save_model
-
     with tempfile.TemporaryDirectory(prefix="moa-quantize-") as tmp, no_progress_bars():
         # not save_pretrained: under torch.distributed it writes on rank 0 only, and every rank loads here
         model.config.to_json_file(str(Path(tmp) / "config.json"))

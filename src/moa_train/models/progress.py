@@ -6,12 +6,12 @@ import contextlib
 import io
 from collections.abc import Iterator
 
+from transformers.utils import logging as hf_logging
+
 
 @contextlib.contextmanager
 def no_progress_bars() -> Iterator[None]:
     """Turn transformers' progress bars off for the block (restored afterwards)."""
-    from transformers.utils import logging as hf_logging
-
     was_enabled = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:

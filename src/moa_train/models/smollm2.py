@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from moa_train.errors import MoATrainError
 from moa_train.files import atomic_dir, cache_root
@@ -68,7 +69,6 @@ def smollm2_tokenizer_dir() -> Path:
     if (target / "tokenizer.json").is_file():
         return target
     gguf = find_smollm2_gguf()
-    from transformers import AutoTokenizer
 
     with atomic_dir(target) as tmp, quiet_progress():
         AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(tmp)
@@ -82,8 +82,6 @@ def _convert_smollm2(gguf: Path, target: Path) -> None:
     weights are moved into a plain ``LlamaForCausalLM`` built from the same config. float32 keeps
     the dequantised values exactly (Q4_1 scale*q+min does not round-trip through bfloat16).
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
-
     print(
         f"moa_train: converting {gguf.name} to safetensors in {target} (once per machine) ...",
         file=sys.stderr,

@@ -9,6 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from omegaconf import OmegaConf
+
 from moa_train.report.sweeps import submitit_logs  # a job killed under submitit: its launcher's logs
 from moa_train.rundir import SUMMARY_NAME
 
@@ -52,8 +54,6 @@ class Job:
 
 
 def _load_yaml_list(path: Path) -> list[str]:
-    from omegaconf import OmegaConf
-
     try:
         data = OmegaConf.to_container(OmegaConf.load(path))
     except Exception:  # noqa: BLE001 - a broken file is reported as an empty override list
@@ -131,7 +131,7 @@ def _read_predictions(path: Path) -> list[dict[str, Any]]:
 def accuracy_by_group(
     predictions: list[dict[str, Any]], task_map: dict[str, str] | None = None
 ) -> dict[str, float]:
-    """Accuracy per dataset; a single mixed dataset (e.g. an embedded BIG-bench mix) is split into its
+    """Accuracy per dataset; a single mixed dataset (e.g. ``arith_mix``) is split into its
     tasks when the predictions carry ``task`` or ``task_map`` (instruction -> task) covers them all."""
     if not predictions:
         return {}
@@ -164,8 +164,6 @@ def _short_task(task: str) -> str:
 def task_map_for(job_dirs: list[Path]) -> dict[str, str]:
     """instruction -> task of the held-out records of every BIG-bench mix the jobs trained on (read
     from each job's ``.hydra/config.yaml``; empty when there is none or the data cannot be loaded)."""
-    from omegaconf import OmegaConf
-
     mapping: dict[str, str] = {}
     seen: set[str] = set()
     for job_dir in job_dirs:
@@ -187,6 +185,7 @@ def task_map_for(job_dirs: list[Path]) -> dict[str, str]:
             continue
         seen.add(key)
         try:
+            # deferred: moa_train.data loads torch; only a report on a multi-task mix needs it
             from moa_train.data import load_splits
 
             for record in load_splits(data).get("test", []):

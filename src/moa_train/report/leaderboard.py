@@ -24,10 +24,13 @@ import json
 import math
 import statistics
 import sys
+import warnings
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
+
+from omegaconf import OmegaConf
 
 from moa_train.report.jobs import ReportError, find_jobs, read_base, read_job, task_map_for
 
@@ -109,8 +112,6 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
 
 
 def _config(job_dir: Path) -> Any:
-    from omegaconf import OmegaConf
-
     for path in (job_dir / ".hydra" / "config.yaml", job_dir / "config.yaml"):
         if path.is_file():
             try:
@@ -121,8 +122,6 @@ def _config(job_dir: Path) -> Any:
 
 
 def _select(config: Any, key: str) -> Any:
-    from omegaconf import OmegaConf
-
     if config is None:
         return None
     try:
@@ -150,6 +149,7 @@ def interval95(values: list[float]) -> tuple[float, float] | None:
     """95% confidence interval of the mean (Student t with n-1 degrees of freedom); None below 2 values."""
     if len(values) < 2:
         return None
+    # deferred: scipy.stats is slow to import; keeps moa-report fast until a statistic is needed
     from scipy import stats
 
     mean = statistics.fmean(values)
@@ -163,8 +163,8 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
         return None
     if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
         return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
-    import warnings
 
+    # deferred: scipy.stats is slow to import (see interval95)
     from scipy import stats
 
     with warnings.catch_warnings():  # near-identical seeds: scipy warns about precision, the p is still right

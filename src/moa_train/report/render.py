@@ -156,10 +156,11 @@ class Report:
         methods = [m for m in self.methods if m.done]
         if not methods:
             return None
+        # deferred: matplotlib is heavy; loads only when the plot is drawn
         import matplotlib
 
         matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred: after matplotlib.use, which must come first
 
         groups: list[str | None] = [*self.datasets, None] if len(self.datasets) > 1 else [None]
         width = 0.8 / len(methods)

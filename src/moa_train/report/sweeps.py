@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import yaml
+
 if TYPE_CHECKING:  # jobs.py reads submitit logs from here: no import back at run time
     from moa_train.report.jobs import Job
 
@@ -136,8 +138,6 @@ def submitit_logs(job_dir: Path) -> list[Path]:
 
 def _load(path: Path) -> Any:
     """A YAML file as plain data, interpolations left as text (None when absent or damaged)."""
-    import yaml
-
     if not path.is_file():
         return None
     try:

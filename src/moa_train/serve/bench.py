@@ -16,10 +16,12 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from omegaconf import OmegaConf
 
+from moa_train.bench.runner import Setup, _resolve_device, attach, build_base, machine_info
 from moa_train.errors import MoATrainError, entry_point
 
 VARIANTS = ("peft_lora_r16", "soft_moa", "sparse_moa")
@@ -79,6 +81,7 @@ def prompts(tokenizer: Any, vocab: int, count: int) -> list[list[int]]:
 
 def measure(engine: Any, rows: list[list[int]], concurrency: int, new_tokens: int) -> dict[str, float]:
     """Closed loop: ``concurrency`` clients send the next request when their answer is back."""
+    # deferred: serve.engine loads torch and transformers; keeps --help fast
     from moa_train.serve.engine import Request, SamplingParams
 
     params = SamplingParams(max_new_tokens=new_tokens, ignore_eos=True)
@@ -109,9 +112,9 @@ def measure(engine: Any, rows: list[list[int]], concurrency: int, new_tokens: in
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
+    # deferred: torch and the model stack are heavy; keeps --help fast
     import torch
 
-    from moa_train.bench.runner import Setup, _resolve_device, attach, build_base, machine_info
     from moa_train.serve.engine import Engine
 
     if args["threads"]:
@@ -120,8 +123,6 @@ def run(args: dict[str, Any]) -> dict[str, Any]:
     setup = Setup(args["model"], device, 1, 64, args["dtype"], args["layers"], 0)
     base, tokenizer, info = build_base(setup)
     if tokenizer is None:
-        from types import SimpleNamespace
-
         tokenizer = SimpleNamespace(
             pad_token_id=0, eos_token_id=None, bos_token_id=None, decode=lambda *a, **k: ""
         )

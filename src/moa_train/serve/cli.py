@@ -16,6 +16,7 @@ CONFIGS = "pkg://moa_train.configs"
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="generate")
 def _generate(cfg: DictConfig) -> Any:
+    # deferred: torch and transformers load after the config composes; keeps --help fast
     from moa_train.serve.generate import run
 
     return _job(run, cfg)
@@ -23,6 +24,7 @@ def _generate(cfg: DictConfig) -> Any:
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="chat")
 def _chat(cfg: DictConfig) -> Any:
+    # deferred: torch and transformers load after the config composes; keeps --help fast
     from moa_train.serve.chat import run
 
     return _job(run, cfg)
@@ -30,6 +32,7 @@ def _chat(cfg: DictConfig) -> Any:
 
 @hydra.main(version_base="1.3", config_path=CONFIGS, config_name="serve")
 def _serve(cfg: DictConfig) -> Any:
+    # deferred: torch, transformers and fastapi load after the config composes
     from moa_train.serve.server import run
 
     return _job(run, cfg)

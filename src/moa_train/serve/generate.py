@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
+from tqdm import tqdm
 
 from moa_train.errors import MoATrainError
 from moa_train.serve.engine import Request
@@ -126,7 +127,6 @@ def run(cfg: DictConfig) -> dict[str, Any]:
         except MoATrainError as exc:
             raise MoATrainError(f"{source} record {number}: {exc}") from None
     engine = loaded.engine(cfg)
-    from tqdm import tqdm
 
     bar = tqdm(
         total=len(records), initial=done, unit="rec", disable=not cfg.get("progress", True), file=sys.stderr

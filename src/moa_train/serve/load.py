@@ -14,6 +14,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train.errors import MoATrainError
+from moa_train.eval.checkpoints import (
+    autocast_for,
+    find_run_config,
+    load_model_for_eval,
+    recorded_precision,
+    resolve_run_settings,
+)
+from moa_train.eval.generation import encode_prompt
+from moa_train.rundir import resolve_checkpoint
 from moa_train.serve.engine import Engine, SamplingParams
 
 API_KEY_ENV = "MOA_SERVE_API_KEY"
@@ -88,8 +97,6 @@ class Loaded:
     context_length: int | None
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        from moa_train.eval.checkpoints import autocast_for
-
         return autocast_for(self.model, self.precision)
 
     def engine(self, cfg: DictConfig | None = None, **overrides: Any) -> Engine:
@@ -102,14 +109,6 @@ class Loaded:
 
 def load(cfg: DictConfig) -> Loaded:
     """Load the base model and the checkpoint's experts (``checkpoint=base``: the base model alone)."""
-    from moa_train.eval.checkpoints import (
-        find_run_config,
-        load_model_for_eval,
-        recorded_precision,
-        resolve_run_settings,
-    )
-    from moa_train.rundir import resolve_checkpoint
-
     if cfg.get("cpu_threads"):
         torch.set_num_threads(int(cfg.cpu_threads))
     ckpt = None if str(cfg.checkpoint) == "base" else resolve_checkpoint(str(cfg.checkpoint))
@@ -148,8 +147,6 @@ def prompt_ids(loaded: Loaded, record: Mapping[str, Any]) -> list[int]:
             raise MoATrainError("'prompt' must be a string")
         return list(tok(record["prompt"])["input_ids"])
     if "instruction" in record:
-        from moa_train.eval.generation import encode_prompt
-
         return encode_prompt(tok, record, loaded.template)
     raise MoATrainError("a record needs 'prompt' (text), 'messages' (chat) or 'instruction'")
 

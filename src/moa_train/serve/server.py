@@ -168,6 +168,7 @@ def _sse(payload: dict[str, Any] | str) -> str:
 
 def build_app(service: Service, key: str | None = None) -> Any:
     """The FastAPI application (no server started): routes, validation and error bodies."""
+    # deferred: optional extra [serve]
     from fastapi import FastAPI
     from fastapi import Request as HttpRequest
     from fastapi.exceptions import RequestValidationError
@@ -342,6 +343,7 @@ def _stream_finish(request: Request) -> str:
 
 
 def _server_class() -> type:
+    # deferred: optional extra [serve]
     import uvicorn
 
     class Server(uvicorn.Server):
@@ -386,6 +388,7 @@ def start(cfg: DictConfig) -> tuple[Any, socket.socket, Engine, Loaded]:
     """Check the settings, take the port, load the model, start the engine: (uvicorn server, its
     listening socket, the engine, the model), ready for ``server.run(sockets=[sock])``."""
     try:
+        # deferred: optional extra [serve]; checked here for one clear error
         import fastapi  # noqa: F401
         import uvicorn
     except ImportError:

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate.utils import broadcast_object_list, gather_object
 from safetensors import SafetensorError
 from safetensors.torch import save_file
 
@@ -79,8 +80,6 @@ def save_checkpoint(
     # a temp name unique to this process and save (rank 0 picks it, the other ranks receive it)
     names = [f"{TMP_PREFIX}{target.name}-{os.getpid()}-{secrets.token_hex(4)}" if main else None]
     if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
         broadcast_object_list(names)
     tmp = target.parent / names[0]
     # An OSError (full disk, quota, read-only) is caught per phase and shared with every rank, so all
@@ -181,7 +180,6 @@ def _agree(accelerator: Any, failed: OSError | None) -> OSError | None:
     """Every rank learns whether any rank failed, so that none waits forever for the others."""
     if accelerator.num_processes == 1:
         return failed
-    from accelerate.utils import gather_object
 
     mine = None if failed is None else (failed.errno, failed.strerror, failed.filename)
     errors = [e for e in gather_object([mine]) if e]

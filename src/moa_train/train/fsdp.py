@@ -30,6 +30,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, OffloadPolicy, fully_shard
 
 from moa_train.core.dist import is_dtensor
 from moa_train.core.inject import find_decoder_layers
@@ -41,8 +43,6 @@ PARALLELISM = dict(zip(LAUNCHERS, ("none", "ddp", "fsdp2"), strict=True))  # lau
 
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
-    from torch.distributed.fsdp import FSDPModule
-
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
@@ -71,9 +71,6 @@ def shard_model(
     ranks come with a base on the meta device; they get rank 0's weights (base and adapters) here.
     ``from_rank0``: :func:`rank0_loading` of the run; ``cpu_offload`` / ``reshard_after_forward``: FSDP2's.
     """
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
-
     if not dist.is_initialized():  # one process (launcher.num_processes=1): a group of one, same code path
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -113,6 +110,7 @@ def shard_model(
 def _load_from_rank0(base: nn.Module, full_state: dict[str, torch.Tensor], device: torch.device) -> None:
     """Rank 0's weights into every rank's shards; buffers (also non-persistent ones such as RoPE's
     inverse frequencies, which a meta model lacks) broadcast whole."""
+    # deferred: torch.distributed.checkpoint loads only for an FSDP load from rank 0
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
     if dist.get_rank() > 0:

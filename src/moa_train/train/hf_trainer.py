@@ -35,6 +35,7 @@ from transformers import Trainer, TrainerCallback
 
 from moa_train.core.model import WEIGHTS_NAME, MoAModel
 from moa_train.errors import MoATrainError
+from moa_train.train.metrics import router_metrics
 
 __all__ = ["MoACallback", "MoAReference", "MoATrainer", "MoATrainerMixin", "moa_trainer", "unwrap_moa"]
 
@@ -112,8 +113,6 @@ class MoACallback(TrainerCallback):
             self._aux, self._count = {}, 0
         stats = moa.router_stats(reset=True)
         if stats.get("experts") and stats.get("tokens"):
-            from moa_train.train.metrics import router_metrics
-
             # the per-layer keys (router/L<i>/...) are moa-train's heat-map material; a Trainer log line
             # gets the layer averages only, or every console log would print hundreds of numbers
             logs.update({k: v for k, v in router_metrics(stats).items() if not k.startswith("router/L")})

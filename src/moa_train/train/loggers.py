@@ -19,6 +19,7 @@ from typing import Any
 
 from moa_train.errors import MoATrainError
 from moa_train.tracking import WANDB_INIT_TIMEOUT, start_wandb  # noqa: F401 (WANDB_INIT_TIMEOUT re-exported)
+from moa_train.train.mlflow_backend import MlflowBackend
 from moa_train.train.options import LOGGERS
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,7 @@ class TensorBoardBackend(Backend):
     name = "tensorboard"
 
     def __init__(self, run_dir: Path) -> None:
+        # deferred: optional extra (tensorboard)
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(log_dir=str(run_dir / "tensorboard"))
@@ -86,6 +88,7 @@ class TensorBoardBackend(Backend):
             self.writer.add_scalar(key, value, global_step=step)
 
     def log_image(self, key: str, path: Path, step: int) -> None:
+        # deferred: matplotlib is heavy; only an image log needs it
         import matplotlib.image
 
         image = matplotlib.image.imread(str(path))[..., :3]  # RGBA float in [0, 1] -> RGB
@@ -140,8 +143,6 @@ def make_logger(cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str 
         elif name == "tensorboard":
             backend = TensorBoardBackend(run_dir)
         elif name == "mlflow":
-            from moa_train.train.mlflow_backend import MlflowBackend
-
             backend = MlflowBackend(cfg, run_dir, config, resume_id)
         elif name == "none":
             backend = Backend()

@@ -89,6 +89,7 @@ class RouterLog:
         due = self.heatmap_every and step // self.heatmap_every > self.last_heatmap
         if due or final:
             self.last_heatmap = step // self.heatmap_every if self.heatmap_every else step
+            # deferred: matplotlib loads only when a heatmap is drawn
             from moa_train.eval.plots import save_heatmap
 
             path = self.run_dir / "router" / f"heatmap-step-{step}.png"

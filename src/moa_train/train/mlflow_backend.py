@@ -47,6 +47,7 @@ class MlflowBackend:
     name = "mlflow"
 
     def __init__(self, cfg: Any, run_dir: Path, config: dict[str, Any], resume_id: str | None) -> None:
+        # deferred: optional extra [mlflow]
         from mlflow.entities import Param
         from mlflow.tracking import MlflowClient
 
@@ -72,6 +73,7 @@ class MlflowBackend:
             self.client.log_batch(self.id, params=params[i : i + MAX_PARAMS_PER_BATCH])
 
     def log(self, metrics: dict[str, float], step: int) -> None:
+        # deferred: optional extra [mlflow]
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)

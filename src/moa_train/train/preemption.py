@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 
 from moa_train.errors import Preempted
 from moa_train.rundir import write_summary
@@ -39,8 +40,6 @@ class StopSignal:
 
     def join(self, world_size: int) -> None:
         """With several processes: a CPU group for the stop vote (collective: all ranks call it)."""
-        import torch.distributed as dist
-
         if world_size > 1 and dist.is_available() and dist.is_initialized():
             self._group = dist.new_group(backend="gloo")
 
@@ -69,7 +68,6 @@ class StopSignal:
         """True on every rank once any rank received a stop signal (call after each optimizer step)."""
         if self._group is None:
             return self.signum is not None
-        import torch.distributed as dist
 
         flag = torch.tensor([0 if self.signum is None else int(self.signum)], dtype=torch.int64)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self._group)

@@ -7,6 +7,9 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from accelerate.state import AcceleratorState
+from tqdm.auto import tqdm
+
 
 def duration(seconds: float) -> str:
     """``1h02m``, ``4m05s`` or ``12s``."""
@@ -18,8 +21,6 @@ def duration(seconds: float) -> str:
 
 def progress_bar(enabled: bool, total: int, initial: int) -> Any:
     """Rank 0's bar: step n/total, elapsed<ETA, loss and tokens/s (refreshed at log steps)."""
-    from tqdm.auto import tqdm
-
     return tqdm(
         total=total, initial=initial, disable=not enabled, desc="train", unit="step", dynamic_ncols=True,
         mininterval=1.0,
@@ -42,6 +43,4 @@ def worker_logging(run_dir: Path, main: bool) -> None:
 def reset_accelerate_state() -> None:
     """Let a later job of the same process (a Hydra sweep) build a fresh Accelerator."""
     with contextlib.suppress(Exception):
-        from accelerate.state import AcceleratorState
-
         AcceleratorState._reset_state(reset_partial_state=True)

@@ -35,7 +35,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from moa_train.data import TrainCollator, encode_dataset, epoch_order, load_records
+from moa_train.data.packing import check_flags
 from moa_train.errors import MoATrainError
+from moa_train.eval import evaluate_records
+from moa_train.train.metrics import router_metrics
 
 METRICS = ("val/loss", "val/accuracy")
 MODES = ("min", "max")
@@ -52,8 +56,6 @@ def _get(node: Any, key: str, default: Any = None) -> Any:
 def check_settings(cfg: Any) -> None:
     """One-line errors for the validation options (called before any data is read or model loaded), and
     for data.packing / data.streaming."""
-    from moa_train.data.packing import check_flags
-
     check_flags(cfg)
     dc, tc = cfg.data, cfg.trainer
     size, path = dc.get("val_size"), dc.get("val_path")
@@ -119,8 +121,6 @@ def split_validation(splits: dict[str, list], cfg: Any) -> dict[str, list]:
     test_keys = {_key(r) for r in splits.get("test", [])}
     train = splits["train"]
     if path is not None:
-        from moa_train.data import load_records
-
         paths = [path] if isinstance(path, str) else list(path)
         val = [r for p in paths for r in load_records(str(p), split="train")]
     else:
@@ -130,7 +130,6 @@ def split_validation(splits: dict[str, list], cfg: Any) -> dict[str, list]:
                 f"data.val_size={size} holds out {count} of the {len(train)} training records; "
                 "it must leave at least one record on each side"
             )
-        from moa_train.data import epoch_order
 
         chosen = set(
             epoch_order(len(train), int(_get(dc, "seed", 0)) + 7919, 0)[:count]
@@ -207,8 +206,6 @@ def validation_loss(
 ) -> dict[str, float]:
     """Mean token cross-entropy over all validation examples (every process computes the whole split, so no
     collective is needed and FSDP ranks run the same forwards), and the validation router statistics."""
-    from moa_train.train.metrics import router_metrics
-
     was_training = model.training
     model.eval()
     total, targets = torch.zeros((), device=device), 0
@@ -236,8 +233,6 @@ def validation_loss(
 def validation_accuracy(cfg: Any, model: Any, tokenizer: Any, records: list[dict], autocast: Any) -> float:
     """Generation accuracy on the first ``trainer.val_accuracy_records`` validation records, with the
     final evaluation's decoding settings and the evaluator moa-eval uses (telemetry off)."""
-    from moa_train.eval import evaluate_records
-
     records = records[: int(cfg.trainer.val_accuracy_records)]
     if any(not str(r.get("answer", "")).strip() for r in records):
         raise MoATrainError(
@@ -291,7 +286,6 @@ class ValidationLoop:
         self.last: dict[str, float] = {}
         if not self.enabled:
             return
-        from moa_train.data import TrainCollator, encode_dataset
 
         self.examples, _ = encode_dataset(
             self.records, tokenizer, int(dc.max_len), bool(dc.get("train_on_inputs", False)),

@@ -102,6 +102,7 @@ def _base_forward(module: nn.Module):
     impl = module.config._experts_implementation.removeprefix(PREFIX)
     if impl == "eager":
         return type(module).forward.__wrapped__  # use_experts_implementation keeps the original forward there
+    # deferred: keeps the expert modules transformers-free; only fused-experts models need it
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     return ALL_EXPERTS_FUNCTIONS[impl]
@@ -109,6 +110,7 @@ def _base_forward(module: nn.Module):
 
 def register(model: nn.Module) -> None:
     """Route the model's experts modules through ``routed_forward`` (``moa_<impl>``)."""
+    # deferred: keeps the expert modules transformers-free; only fused-experts models need it
     from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
     config = model.config
