@@ -67,7 +67,7 @@ ROWS = {
         ),
         101_123_488,
     ),
-    # the mixture-of-LoRA family (related-methods spec): the counts of issue 14
+    # the mixture-of-LoRA family (docs/experiments.md): counts from each release's public code
     "mola": (
         dict(
             lora_targets=["q", "k", "v", "o", "gate", "up", "down"],

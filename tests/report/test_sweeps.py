@@ -57,6 +57,7 @@ def test_parallel_launchers_run_each_job_in_its_own_folder(tmp_path: Path, launc
     assert "2 jobs, 2 completed" in (sweep / "report.md").read_text()
 
 
+@pytest.mark.slow  # ~95 s: three trials, each a full tiny training (make test-slow)
 def test_optuna_sweep_writes_the_best_lr_and_moa_report_lists_the_trials(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
     # 6 steps without warmup: each proposed lr leaves its own final training loss

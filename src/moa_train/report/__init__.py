@@ -14,7 +14,7 @@ Accuracies come from the newest ``moa-eval`` results found inside a job (``<job>
 results.json``, choose one with ``--eval NAME``), else from the trainer's final evaluation
 (``final_eval_predictions.jsonl`` + ``summary.json``). Partial sweeps work: jobs without a summary
 (failed, or still running) are listed under the table with the reason found in their folder, never
-dropped silently. A single mixed dataset (an embedded BIG-bench mix) is split into its tasks. A
+dropped silently. A single mixed dataset (such as ``arith_mix``) is split into its tasks. A
 moa-eval evaluation of the base model in ``<sweep dir>/base_model/`` (or ``--base``) becomes the
 first row. Outputs (into the first sweep dir, or ``--out``): ``report.md``, ``report.csv`` (one row
 per method), ``report_jobs.csv`` (one row per job) and ``report.png``.
