@@ -24,7 +24,7 @@ from conftest import run_cli
 from moa_train.bench import main as bench_main
 from moa_train.cli.main import eval_main, export_main, train_main
 from moa_train.report import main as report_main
-from moa_train.serve.cli import chat_main, generate_main
+from moa_train.serve.cli import chat_main, generate_main, serve_main
 
 RUN = [
     "experiment=tiny",
@@ -45,7 +45,8 @@ def invoke(main: Callable[..., object], argv: list[str], cwd: Path) -> tuple[int
     try:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
-                result = main() if main in (train_main, eval_main, generate_main, chat_main) else main(argv)
+                hydra_mains = (train_main, eval_main, generate_main, chat_main, serve_main)
+                result = main() if main in hydra_mains else main(argv)
                 code = result if isinstance(result, int) else 0
             except SystemExit as exc:
                 code = exc.code
@@ -400,9 +401,14 @@ CASES = [
     Case("export-checkpoint-nowhere", export_main, ["checkpoint={tmp}/nowhere", "format=peft", "out={tmp}/out"]),
     Case("generate-plus-unknown-key", generate_main, ["+foo=1"]),
     Case("chat-misspelled-key", chat_main, ["max_new_token=3"]),
+    Case("serve-plus-unknown-key", serve_main, ["+foo=1"]),
+    Case("eval-plus-unknown-key", eval_main, ["+foo=1"]),
+    Case("eval-plus-misspelled-eval-key", eval_main, ["+eval.limt=2"]),
+    Case("eval-mlflow-logger", eval_main, ["logger=mlflow"]),
+    Case("export-plus-unknown-top-level-key", export_main, ["+foo=1"]),
 ]  # fmt: skip
 
-NEAREST = [  # (command, argv, the key the error line must name)
+NEAREST = [  # (command, argv, the key the error line must name); also one error line and status 2
     (train_main, ["+trainer.max_step=10"], "did you mean trainer.max_steps?"),
     (train_main, ["+router.load_balance_coef=0.01"], "did you mean moa.router.load_balance_coef?"),
     (train_main, ["router.load_balance_coef=0.01"], "did you mean moa.router.load_balance_coef?"),
@@ -411,6 +417,14 @@ NEAREST = [  # (command, argv, the key the error line must name)
     (eval_main, ["batchsize=3"], "did you mean batch_size?"),
     (export_main, ["formt=peft"], "did you mean format?"),
     (chat_main, ["+max_new_token=3"], "did you mean max_new_tokens?"),
+    (serve_main, ["+model.nmae=x"], "did you mean model.name?"),
+    (train_main, ["+model.nmae=x"], "did you mean model.name?"),
+    (train_main, ["+data.max_lenght=5"], "did you mean data.max_len?"),
+    (train_main, ["+optimizer.betaz=[0.9,0.9]"], "did you mean optimizer.betas?"),
+    (train_main, ["optimizer.learning_rate=1e-3"], "did you mean optimizer.lr?"),
+    (train_main, ["+learning_rate=1e-3"], "did you mean optimizer.lr?"),
+    (eval_main, ["+eval.limt=2"], "did you mean eval.limit?"),
+    (export_main, ["+model.nmae=x"], "moa-export --cfg job` lists every key"),  # never a hydra.* key
 ]
 
 
@@ -455,6 +469,7 @@ def test_documented_free_form_maps_take_new_keys(compose) -> None:
     from moa_train.cli.validate import validate
 
     validate(compose(["experiment=math_loramoe_lbc", "+data.task_types.gsm8k=1"]), "train")
+    validate(compose(["experiment=math_loramoe_lbc", "data.task_type_field=kind"]), "train")  # documented key
 
 
 def test_console_scripts_report_the_same_way(finished: Path, tmp_path: Path) -> None:
@@ -465,10 +480,13 @@ def test_console_scripts_report_the_same_way(finished: Path, tmp_path: Path) -> 
         ("moa-train", [*RUN, f"hydra.run.dir={finished}"]),
         ("moa-eval", [f"checkpoint={tmp_path / 'nowhere'}"]),
         ("moa-report", [str(tmp_path / "nowhere")]),
+        ("moa-train", ["+trainer.max_step=10"]),
+        ("moa-export", ["+foo=1"]),
     ):
         result = run_cli(name, *args, cwd=tmp_path)
         lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
         assert result.returncode != 0 and len(lines) == 1, result.stderr[-2000:]
+        assert "error:" not in result.stdout, result.stdout[-2000:]
         assert "Traceback" not in result.stderr + result.stdout
     assert snapshot(finished.parent) == before
     assert not (tmp_path / "runs").exists(), "a failed start left a run folder"

@@ -101,17 +101,23 @@ def _free(path: str) -> bool:
     return any(path == p or path.startswith(p + ".") for p in FREE_FORM)
 
 
+# Names users bring from other trainers that no spelling distance finds (optimizer.learning_rate -> .lr).
+_SYNONYMS = {"learning_rate": "lr"}
+
+
 def nearest_key(path: str, root: str) -> str | None:
     """The valid key a mistyped or misplaced ``path`` most likely meant: one that ends with it (a missing
-    prefix such as moa.), else the closest spelling."""
-    keys = valid_keys(root)
+    prefix such as moa.), else the closest spelling. Hydra's own keys are suggested only for hydra.*."""
+    keys = {k for k in valid_keys(root) if path.startswith("hydra") or not k.startswith("hydra")}
+    head, dot, leaf = path.rpartition(".")
+    if leaf in _SYNONYMS:
+        return nearest_key(f"{head}{dot}{_SYNONYMS[leaf]}", root)
     tails = sorted((k for k in keys if k.endswith("." + path)), key=len)
     if tails:
         return tails[0]
     close = difflib.get_close_matches(path, keys, n=1, cutoff=0.6)
     if close:
         return close[0]
-    leaf = path.rpartition(".")[2]
     close = difflib.get_close_matches(leaf, {k.rpartition(".")[2] for k in keys}, n=1, cutoff=0.75)
     if close:
         return min((k for k in keys if k.rpartition(".")[2] == close[0]), key=len)
@@ -123,7 +129,8 @@ def _message(path: str, root: str) -> str:
     hint = f"did you mean {nearest}?" if nearest else f"`moa-{root} --cfg job` lists every key"
     keys = valid_keys(root)
     free = [p for p in FREE_FORM if p in keys]
-    maps = f" (of the maps, only {', '.join(free)} take new keys)" if free else ""
+    verb = "takes" if len(free) == 1 else "take"
+    maps = f" (of the maps, only {', '.join(free)} {verb} new keys)" if free else ""
     return f"unknown config key '{path}': {hint}{maps}"
 
 
