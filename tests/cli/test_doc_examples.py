@@ -5,8 +5,11 @@ Fast (default suite): each moa-* command composes and passes validation in-proce
 its values are in range) -- the check that catches a wrong key such as ``router.load_balance_coef``.
 Slow: each command that can run offline on a CPU runs as a subprocess and must exit 0: moa-train as a
 dry run (validation, model build, parameter count; long runs stay long otherwise), moa-eval / moa-export /
-moa-report on a tiny run made here. A documented command that cannot run here says so on its own line
-with a comment starting ``# needs`` (e.g. ``# needs 8 GPUs``); those are composed and validated only.
+moa-report on a tiny run made here. The moa-generate / moa-chat / moa-serve examples (--help and docs)
+are composed and their values checked here; tests/serve/ runs each of the three end to end. moa-bench's
+documented commands must parse; tests/bench/ runs the benchmark. A documented command that cannot run
+here says so on its own line with a comment starting ``# needs`` (e.g. ``# needs 8 GPUs``); those are
+composed and validated only.
 """
 
 from __future__ import annotations
@@ -20,16 +23,21 @@ from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
 from conftest import FIXTURES, REPO, run_cli
+from moa_train.bench.runner import build_parser
 from moa_train.cli.keys import check_keys, unknown_override
 from moa_train.cli.validate import validate
 from moa_train.errors import one_line
+from moa_train.serve.load import check_settings
 
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
-HELP_COMMANDS = ("moa-train", "moa-eval", "moa-export")
+HELP_COMMANDS = ("moa-train", "moa-eval", "moa-export", "moa-generate", "moa-chat", "moa-serve")  # Hydra ones
+# (moa-report's and moa-bench's argparse --help print no examples; their documented commands are below)
 ROOTS = {"moa-train": "train", "moa-eval": "eval", "moa-export": "export", "moa-generate": "generate",
          "moa-chat": "chat", "moa-serve": "serve"}  # fmt: skip
 RUN_HERE = ("moa-train", "moa-eval", "moa-export", "moa-report")  # the others: tests/serve/
 VALIDATED = {"train", "eval", "export"}  # roots with a rule table in cli/validate.py
+SERVING = {"generate", "chat", "serve"}  # values checked by serve.load.check_settings
+PIPED = re.compile(r"^echo .*?\| ")  # echo "..." | moa-chat ...: the command is what follows the pipe
 PLACEHOLDER = re.compile(r"<[^<>\s]+(?: [^<>\s]+)*>")
 
 
@@ -78,7 +86,7 @@ def help_commands() -> list[tuple[str, str, str]]:
         done = run_cli(command, "--help", cwd=REPO)
         assert done.returncode == 0, done.stderr
         for line in done.stdout.splitlines():
-            stripped = line.strip()
+            stripped = PIPED.sub("", line.strip())
             if stripped.startswith(command + " ") or stripped == command:
                 text, _, comment = stripped.partition(" #")
                 found.append((f"{command} --help", text.strip(), comment.strip()))
@@ -107,10 +115,14 @@ def _composes(command: str) -> None:
     root = ROOTS.get(name)
     if root is None:
         return
+    if root in SERVING:  # the checkpoint is read at start only; base = the base model alone
+        overrides = [o for o in overrides if not o.startswith("checkpoint=")] + ["checkpoint=base"]
     cfg = compose(root, overrides=_sweep_first(overrides))
     check_keys(cfg, root)
     if root in VALIDATED:
         validate(cfg, root)
+    if root in SERVING:
+        check_settings(cfg)
 
 
 def _check(label: str, command: str, comment: str, failures: list[str]) -> None:
@@ -159,6 +171,14 @@ def test_help_examples_compose_and_validate(hydra_configs) -> None:
     for label, command, comment in commands:
         _check(label, command, comment, failures)
     assert not failures, "\n".join(failures)
+
+
+def test_documented_bench_commands_parse() -> None:
+    """moa-bench's documented commands use flags it has (running them takes minutes: tests/bench/)."""
+    commands = [c for _, c, _ in doc_commands() if c.split()[0] == "moa-bench"]
+    assert commands
+    for command in commands:
+        build_parser().parse_args(shlex.split(command)[1:])
 
 
 # ---- slow: the commands run ------------------------------------------------------------------------------
