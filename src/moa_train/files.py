@@ -95,10 +95,11 @@ def fsync_dir(path: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_dir(target: Path) -> Iterator[Path]:
-    """Yield a temp dir beside ``target``; rename it to ``target`` when the block succeeds.
+def atomic_dir(target: Path, keep_theirs: bool = True) -> Iterator[Path]:
+    """Yield a temp dir beside ``target``; rename it to ``target`` (absent or empty) when the block succeeds.
 
-    If another process completed ``target`` first, its copy is kept and ours is discarded.
+    If another process completed ``target`` first, its copy is kept and ours is discarded (a cache:
+    both are the same), or with ``keep_theirs=False`` the rename's error is raised (ours is discarded).
     """
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
@@ -108,19 +109,19 @@ def atomic_dir(target: Path) -> Iterator[Path]:
         try:
             os.rename(tmp, target)
         except OSError:
-            if not target.is_dir() or not any(target.iterdir()):
+            if not keep_theirs or not target.is_dir() or not any(target.iterdir()):
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _share_like_umask(directory: Path) -> None:
-    """mkdtemp creates 0700 dirs (and some writers 0600 files): give the cache the usual modes."""
+    """mkdtemp creates 0700 dirs (and some writers 0600 files): give the output the usual modes."""
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(directory, 0o777 & ~umask)
     for path in directory.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
 
 
 @contextlib.contextmanager

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +29,7 @@ from torch import nn
 
 from moa_train.core.config import MoAConfig
 from moa_train.errors import MoATrainError
+from moa_train.files import atomic_dir
 from moa_train.rundir import resolve_checkpoint
 
 __all__ = ["DTYPES", "FORMATS", "export", "lora_deltas", "routed_reason", "run_from_config"]
@@ -193,9 +193,8 @@ def export(
     if not deltas:
         raise MoATrainError(f"{ckpt} has no LoRA site in any layer (lora_layers); there is nothing to export")
     base = model.unload()  # the plain HF model again: hooks and experts removed
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    # complete or absent: written into a temp folder beside ``out``, renamed into place at the end
+    with atomic_dir(out, keep_theirs=False) as tmp:
         if fmt == "peft":
             base_name = str(node.get("name_or_path") or node.get("name") or "")
             # the embeddings are never a target: no look-up of the base model's config (no network)
@@ -207,11 +206,6 @@ def export(
             base.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
         _check_out(out)  # again: another process may have created it meanwhile
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -12,6 +12,7 @@ the mean ± sample std over the completed seeds of every numeric final metric (a
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
 from pathlib import Path
@@ -21,6 +22,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from moa_train.files import write_atomic
 from moa_train.report.methods import mean_std
 from moa_train.rundir import SUMMARY_NAME
 
@@ -111,10 +113,11 @@ def write_summary(sweep_dir: Path) -> Path | None:
 
 def _write_table(stem: Path, rows: list[dict[str, Any]], first: list[str]) -> None:
     columns = first + sorted({k for r in rows for k in r} - set(first))
-    with open(stem.with_suffix(".csv"), "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(stem.with_suffix(".csv"), text.getvalue())
     # markdown: "mean ± std" in one cell per metric
     shown = [c for c in columns if not c.endswith("_std")]
     lines = ["| " + " | ".join(c.removesuffix("_mean") for c in shown) + " |", "|" + "---|" * len(shown)]
@@ -125,7 +128,7 @@ def _write_table(stem: Path, rows: list[dict[str, Any]], first: list[str]) -> No
             std = row.get(c.removesuffix("_mean") + "_std") if c.endswith("_mean") else None
             cells.append(f"{cell} ± {_cell(std)}" if std is not None else cell)
         lines.append("| " + " | ".join(cells) + " |")
-    stem.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 def _is_number(value: Any) -> bool:

@@ -32,6 +32,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from moa_train.files import write_atomic
 from moa_train.report.jobs import ReportError, find_jobs, read_base, read_job, task_map_for
 
 RESULTS = Path("docs/leaderboard/results")
@@ -94,7 +95,7 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
             "overrides": job.overrides,
         }
         path = into / (_safe(job.name) + ".json")
-        path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         written.append(path)
     base = base if base is not None else sweep_dir / "base_model"
     base_job = read_base(base, task_map)
@@ -106,7 +107,7 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
             "eval_records": base_job.n_eval,
         }
         path = into / "base_model.json"
-        path.write_text(json.dumps(record, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         written.append(path)
     return written
 
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
             return
         intro = args.intro.read_text(encoding="utf-8") if args.intro else _own_intro(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(build_page(load_records(args.results), intro), encoding="utf-8")
+        write_atomic(args.out, build_page(load_records(args.results), intro))
         print(f"written: {args.out}")
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from moa_train.files import atomic_path, write_atomic
 from moa_train.report.jobs import BASE_LABEL, Job
 from moa_train.report.methods import Method, _is_number, _peak_memory_mb, mean_std
 from moa_train.report.sweeps import Study
@@ -201,9 +203,8 @@ class Report:
             ax.grid(axis="y", alpha=0.3)
             fig.tight_layout()
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_name(path.name + ".tmp")
-            fig.savefig(tmp, format="png", dpi=110)
-            tmp.replace(path)
+            with atomic_path(path) as tmp:
+                fig.savefig(tmp, format="png", dpi=110)
         finally:
             plt.close(fig)
         return path
@@ -213,10 +214,11 @@ def _write_csv(path: Path, rows: list[dict[str, Any]]) -> None:
     columns: list[str] = []
     for row in rows:
         columns += [k for k in row if k not in columns]
-    with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=columns)
-        writer.writeheader()
-        writer.writerows(rows)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns)
+    writer.writeheader()
+    writer.writerows(rows)
+    write_atomic(path, text.getvalue())
 
 
 def write_report(report: Report, out_dir: Path, plot: bool = True) -> dict[str, Path]:
@@ -226,7 +228,7 @@ def write_report(report: Report, out_dir: Path, plot: bool = True) -> dict[str, 
         "csv": out_dir / "report.csv",
         "jobs_csv": out_dir / "report_jobs.csv",
     }
-    paths["markdown"].write_text(report.markdown(), encoding="utf-8")
+    write_atomic(paths["markdown"], report.markdown())
     _write_csv(paths["csv"], report.method_rows())
     _write_csv(paths["jobs_csv"], report.job_rows())
     if report.studies:

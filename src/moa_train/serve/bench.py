@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 
 from moa_train.bench.runner import Setup, _resolve_device, attach, build_base, machine_info
 from moa_train.errors import MoATrainError, entry_point
+from moa_train.files import write_atomic
 
 VARIANTS = ("peft_lora_r16", "soft_moa", "sparse_moa")
 BASELINE = "peft_lora_r16"
@@ -217,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args)
     print_table(report)
     if args["out"]:
-        Path(str(args["out"])).expanduser().write_text(json.dumps(report, indent=2) + "\n")
+        write_atomic(Path(str(args["out"])).expanduser(), json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":
