@@ -6,7 +6,8 @@ its values are in range) -- the check that catches a wrong key such as ``router.
 Slow: each command that can run offline on a CPU runs as a subprocess and must exit 0: moa-train as a
 dry run (validation, model build, parameter count; long runs stay long otherwise), moa-eval / moa-export /
 moa-report on a tiny run made here. The moa-generate / moa-chat / moa-serve examples (--help and docs)
-are composed and their values checked here; tests/serve/ runs each of the three end to end. moa-bench's
+are composed and their values checked (fast) and run on a tiny checkpoint (slow; moa-serve until it
+answers GET /health, then SIGTERM). moa-bench's
 documented commands must parse; tests/bench/ runs the benchmark. A documented command that cannot run
 here says so on its own line with a comment starting ``# needs`` (e.g. ``# needs 8 GPUs``); those are
 composed and validated only.
@@ -14,15 +15,21 @@ composed and validated only.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
-from conftest import FIXTURES, REPO, run_cli
+from conftest import FIXTURES, OFFLINE_ENV, REPO, console_script, run_cli
 from moa_train.bench.runner import build_parser
 from moa_train.cli.keys import check_keys, unknown_override
 from moa_train.cli.validate import validate
@@ -254,3 +261,81 @@ def test_documented_commands_run(tiny_runs: dict[str, Path]) -> None:
         if done.returncode != 0:
             failures.append(f"{label}: {' '.join(argv)}: {done.stderr.strip()[-400:]}")
     assert ran > 30 and not failures, "\n".join(failures)
+
+
+def serving_examples() -> list[tuple[str | None, str]]:
+    """(text piped on stdin or None, command) for each moa-generate / moa-chat / moa-serve example of the
+    --help texts and the docs (``echo "..." | moa-chat ...`` pipes the echoed line)."""
+    found: list[tuple[str | None, str]] = []
+    for name in ("moa-generate", "moa-chat", "moa-serve"):
+        done = run_cli(name, "--help", cwd=REPO)
+        for line in done.stdout.splitlines():
+            match = re.match(r"^(?:echo (\".*?\"|\S+) \| )?(moa-\S+ .*)$", line.strip())
+            if match and match.group(2).startswith(name + " "):
+                piped = shlex.split(match.group(1))[0] + "\n" if match.group(1) else None
+                found.append((piped, match.group(2).partition(" #")[0].strip()))
+    found += [
+        (None, c) for _, c, _ in doc_commands() if c.split()[0] in ("moa-generate", "moa-chat", "moa-serve")
+    ]
+    return list(dict.fromkeys(found))
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _serve_until_healthy_then_stop(argv: list[str], cwd: Path) -> str:
+    """Start moa-serve, wait for GET /health, stop it with SIGTERM; '' if it exited 0, else its stderr."""
+    port = _free_port()
+    argv = [a for a in argv if not a.startswith("port=")] + [f"port={port}"]
+    proc = subprocess.Popen([console_script(argv[0]), *argv[1:]], cwd=cwd, env={**os.environ, **OFFLINE_ENV},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while proc.poll() is None and time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    return "" if code == 0 else f"exit {code}: {proc.stderr.read().strip()[-400:]}"
+
+
+@pytest.mark.slow
+def test_serving_examples_run(tmp_path: Path) -> None:
+    """Each moa-generate / moa-chat example runs on a tiny checkpoint and exits 0; each moa-serve example
+    serves (GET /health answers) and stops with status 0 on SIGTERM (on a free port)."""
+    run = tmp_path / "run"
+    done = run_cli(
+        "moa-train", "experiment=tiny", "final_eval.enabled=false", f"hydra.run.dir={run}", cwd=tmp_path
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    examples, failures = serving_examples(), []
+    assert {c.split()[0] for _, c in examples} == {"moa-generate", "moa-chat", "moa-serve"}
+    for number, (piped, command) in enumerate(examples):
+        argv = shlex.split(PLACEHOLDER.sub("x", command))
+        argv = [f"checkpoint={run}" if a.startswith("checkpoint=") else a for a in argv]
+        cwd = tmp_path / f"example{number}"  # each example its own folder: outputs are not shared
+        cwd.mkdir()
+        (cwd / "prompts.jsonl").write_text('{"prompt": "What is 3 + 4?"}\n{"instruction": "Add 2 and 2."}\n')
+        if argv[0] == "moa-serve":
+            problem = _serve_until_healthy_then_stop(argv, cwd)
+        else:
+            result = subprocess.run([console_script(argv[0]), *argv[1:]], cwd=cwd, input=piped or "",
+                                    env={**os.environ, **OFFLINE_ENV}, capture_output=True, text=True,
+                                    timeout=600)  # fmt: skip
+            problem = (
+                "" if result.returncode == 0 else f"exit {result.returncode}: {result.stderr.strip()[-400:]}"
+            )
+        if problem:
+            failures.append(f"{command}: {problem}")
+    assert not failures, "\n".join(failures)
