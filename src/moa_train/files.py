@@ -9,7 +9,6 @@ one-line :class:`MoATrainError` messages naming the file (missing, not UTF-8, no
 from __future__ import annotations
 
 import contextlib
-import importlib.resources
 import json
 import os
 import secrets
@@ -32,6 +31,9 @@ def config_dir() -> Path:
 
     Torch-free on purpose: ``moa-train --help`` lists the config choices from here."""
     with contextlib.suppress(ModuleNotFoundError, TypeError):
+        # deferred: importlib.resources costs ~5 ms; moa-report and moa-bench import this module too
+        import importlib.resources
+
         found = Path(str(importlib.resources.files("moa_train.configs")))
         if (found / "decoding").is_dir():
             return found

@@ -3,12 +3,10 @@ measured per variant in a fresh subprocess (a process's peak RSS never goes down
 
 from __future__ import annotations
 
-import ctypes
 import gc
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -59,6 +57,8 @@ def _mallopt(mmap_threshold: int, trim_threshold: int) -> bool:
     if not sys.platform.startswith("linux"):
         return False
     try:
+        import ctypes  # deferred: ~3 ms; moa-bench --help does not need it
+
         libc = ctypes.CDLL("libc.so.6")
         m_trim_threshold, m_mmap_threshold = -1, -3
         return (
@@ -97,6 +97,8 @@ def pin_malloc() -> str | None:
 def memory_probe(setup: Setup, name: str, steps: int) -> dict:
     """Peak memory of ``steps`` training steps of one variant (run in its own process)."""
     # deferred: torch (also via core.memory) is heavy; keeps moa-bench --help fast
+    import resource
+
     import torch
 
     from moa_train.core.memory import reset_peak_memory, status_kb

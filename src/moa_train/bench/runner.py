@@ -64,7 +64,6 @@ from moa_train.bench.variants import moa_config as moa_config
 from moa_train.bench.workload import Runner, Setup, _resolve_device, build_base, make_batch
 from moa_train.core.compile import compile_seconds
 from moa_train.errors import ArgumentParser, entry_point
-from moa_train.files import write_atomic
 
 __all__ = ["Setup", "attach", "build_base", "machine_info", "main", "moa_config", "run_benchmark"]
 
@@ -314,6 +313,9 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(memory_probe(_setup_from_args(args), args.memory_probe, args.mem_steps)))
         return 0
     result = run_benchmark(args)
+    # deferred: moa_train.files and its stdlib (~13 ms) would slow moa-bench --help
+    from moa_train.files import write_atomic
+
     write_atomic(Path(args.out), json.dumps(result, indent=2))
     print()
     print(markdown_table(result))

@@ -21,9 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
-from moa_train.bench.runner import Setup, _resolve_device, attach, build_base, machine_info
 from moa_train.errors import MoATrainError, entry_point
-from moa_train.files import write_atomic
 
 VARIANTS = ("peft_lora_r16", "soft_moa", "sparse_moa")
 BASELINE = "peft_lora_r16"
@@ -113,9 +111,10 @@ def measure(engine: Any, rows: list[list[int]], concurrency: int, new_tokens: in
 
 
 def run(args: dict[str, Any]) -> dict[str, Any]:
-    # deferred: torch and the model stack are heavy; keeps --help fast
+    # deferred: torch and the model stack are heavy, bench.runner ~40 ms; keeps --help fast
     import torch
 
+    from moa_train.bench.runner import Setup, _resolve_device, attach, build_base, machine_info
     from moa_train.serve.engine import Engine
 
     if args["threads"]:
@@ -218,6 +217,8 @@ def main(argv: list[str] | None = None) -> None:
     report = run(args)
     print_table(report)
     if args["out"]:
+        from moa_train.files import write_atomic  # deferred: ~13 ms of stdlib; keeps --help fast
+
         write_atomic(Path(str(args["out"])).expanduser(), json.dumps(report, indent=2) + "\n")
 
 
