@@ -4,6 +4,7 @@ of defence that turns any escaping exception into one ``error: ...`` line."""
 from __future__ import annotations
 
 import argparse
+import difflib
 import functools
 import os
 import sys
@@ -107,4 +108,12 @@ class ArgumentParser(argparse.ArgumentParser):
     """argparse with one-line usage errors (``error: ...; see <prog> --help``)."""
 
     def error(self, message: str) -> NoReturn:
+        # argparse names an unknown flag but not the one meant (--outt -> --out), as the Hydra commands do
+        if message.startswith("unrecognized arguments: "):
+            flags = {o.lstrip("-"): o for a in self._actions for o in a.option_strings}
+            for arg in message.removeprefix("unrecognized arguments: ").split():
+                name = arg.partition("=")[0].lstrip("-")
+                close = difflib.get_close_matches(name, list(flags), n=1, cutoff=0.75)
+                if arg.startswith("-") and close:
+                    raise MoATrainError(f"{message}: did you mean {flags[close[0]]}? see {self.prog} --help")
         raise MoATrainError(f"{message}; see {self.prog} --help")

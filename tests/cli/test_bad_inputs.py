@@ -425,6 +425,8 @@ NEAREST = [  # (command, argv, the key the error line must name); also one error
     (train_main, ["+learning_rate=1e-3"], "did you mean optimizer.lr?"),
     (eval_main, ["+eval.limt=2"], "did you mean eval.limit?"),
     (export_main, ["+model.nmae=x"], "moa-export --cfg job` lists every key"),  # never a hydra.* key
+    (report_main, ["--no-plto", "somewhere"], "did you mean --no-plot?"),  # the argparse commands too
+    (bench_main, ["--quik"], "did you mean --quick?"),
 ]
 
 
