@@ -15,6 +15,7 @@ composed and validated only.
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shlex
@@ -86,13 +87,19 @@ def doc_commands() -> list[tuple[str, str, str]]:
     return found
 
 
+@functools.cache
+def help_text(command: str) -> str:
+    """What ``command --help`` prints (the console script, once per test session)."""
+    done = run_cli(command, "--help", cwd=REPO)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
 def help_commands() -> list[tuple[str, str, str]]:
     """Example lines (and the key=value list of the "Any value" line) of each command's --help."""
     found = []
     for command in HELP_COMMANDS:
-        done = run_cli(command, "--help", cwd=REPO)
-        assert done.returncode == 0, done.stderr
-        for line in done.stdout.splitlines():
+        for line in help_text(command).splitlines():
             stripped = PIPED.sub("", line.strip())
             if stripped.startswith(command + " ") or stripped == command:
                 text, _, comment = stripped.partition(" #")
@@ -178,6 +185,37 @@ def test_help_examples_compose_and_validate(hydra_configs) -> None:
     for label, command, comment in commands:
         _check(label, command, comment, failures)
     assert not failures, "\n".join(failures)
+
+
+# key=value named in a help's prose ("a hub model: model=qwen3_0_6b"); not keys: the help's own
+# "group=option" / "key=value" and moa-serve's request field stream=true
+PROSE_PAIR = re.compile(r"(?<![\w.=-])([a-z_][a-z0-9_.]*)=([A-Za-z0-9_.]+)")
+NOT_KEYS = {"group", "key", "stream"}
+
+
+def test_help_prose_values_exist(hydra_configs) -> None:
+    """Each key=value in a help's prose is a key and an option of that command, or of moa-train (export's
+    help names router=none): it composes and its keys are known."""
+    failures, checked = [], 0
+    for command in HELP_COMMANDS:
+        for line in help_text(command).splitlines():
+            text = PIPED.sub("", line.strip())
+            if text.startswith(command + " ") or text.startswith("Any value:"):
+                continue  # the examples: test_help_examples_compose_and_validate
+            for key, value in PROSE_PAIR.findall(text):
+                if key in NOT_KEYS:
+                    continue
+                checked += 1
+                errors = []
+                for root in dict.fromkeys((ROOTS[command], "train")):  # or a training setting it names
+                    try:
+                        check_keys(compose(root, overrides=[f"{key}={value}"]), root)
+                        break
+                    except Exception as exc:
+                        errors.append(one_line(exc))
+                else:
+                    failures.append(f"{command} --help: {key}={value}: {errors[0]}")
+    assert checked >= 5 and not failures, "\n".join(failures)
 
 
 def test_documented_bench_commands_parse() -> None:
@@ -268,8 +306,7 @@ def serving_examples() -> list[tuple[str | None, str]]:
     --help texts and the docs (``echo "..." | moa-chat ...`` pipes the echoed line)."""
     found: list[tuple[str | None, str]] = []
     for name in ("moa-generate", "moa-chat", "moa-serve"):
-        done = run_cli(name, "--help", cwd=REPO)
-        for line in done.stdout.splitlines():
+        for line in help_text(name).splitlines():
             match = re.match(r"^(?:echo (\".*?\"|\S+) \| )?(moa-\S+ .*)$", line.strip())
             if match and match.group(2).startswith(name + " "):
                 piped = shlex.split(match.group(1))[0] + "\n" if match.group(1) else None
