@@ -135,6 +135,7 @@ def encode_chat(
     messages: Sequence[Mapping[str, str]],
     tokenizer: Any,
     max_len: int,
+    *,
     train_on_inputs: bool = False,
     where: str = "record",
 ) -> tuple[dict[str, list[int]], bool]:

@@ -123,7 +123,9 @@ def _encode(
 ) -> tuple[dict[str, list[int]], int, bool]:
     """(example, prompt length, whether the whole response + EOS fit)."""
     if record.get("messages"):  # a chat record: its own chat template whatever data.template says
-        example, complete = encode_chat(record["messages"], tokenizer, max_len, train_on_inputs, where)
+        example, complete = encode_chat(
+            record["messages"], tokenizer, max_len, train_on_inputs=train_on_inputs, where=where
+        )
         supervised = [i for i, label in enumerate(example["labels"][1:], 1) if label != IGNORE_INDEX]
         return example, supervised[0] if supervised else len(example["input_ids"]), complete
     if max_len < 2:
