@@ -99,10 +99,11 @@ def _split(test_id: str) -> tuple[str, list[str]]:
 def _families_info() -> dict[str, dict[str, str]]:
     """Per family of the tests: its LoRA sites, what a normed block router reads, the prompt traits."""
     sys.path[:0] = [str(ROOT / "tests"), str(ROOT / "tests" / "core")]
+    from test_families import lora_targets
+
     from family_models import FAMILY_CONFIGS, family_model
     from moa_train import get_moa_model
     from moa_train.core.families import FAMILIES
-    from test_families import lora_targets
 
     info = {}
     for family in FAMILY_CONFIGS:

@@ -17,12 +17,13 @@ import torch.distributed as dist
 
 sys.path[:0] = [str(Path(__file__).parent), str(Path(__file__).parents[1])]
 
+from test_families import method  # noqa: E402
+
 from core_helpers import randomize_adapters  # noqa: E402
 from family_models import family_model  # noqa: E402
 from moa_train import get_moa_model  # noqa: E402
 from moa_train.core.dist import full_tensor  # noqa: E402
 from moa_train.train.fsdp import shard_model  # noqa: E402
-from test_families import method  # noqa: E402
 
 
 def build(family: str, name: str) -> torch.nn.Module:

@@ -14,13 +14,13 @@ import time
 from pathlib import Path
 
 import pytest
+from test_bad_inputs import invoke, snapshot
 
 from conftest import OFFLINE_ENV, console_script, run_cli
 from moa_train import rundir
 from moa_train.cli.main import eval_main, train_main
 from moa_train.errors import EXIT_PREEMPTED
 from moa_train.train import checkpoint
-from test_bad_inputs import invoke, snapshot
 
 ARGS = [
     "experiment=tiny",
