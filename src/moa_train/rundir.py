@@ -7,14 +7,23 @@ A new run's folder is claimed by creating its ``config.yaml`` with ``os.link`` (
 file exists), so two runs started in the same second, or on several machines sharing a file system,
 never share a folder: the default ``runs/<name>/<timestamp>`` gets a ``-2``, ``-3``... suffix, and an
 explicit ``hydra.run.dir`` that already holds a run is refused unless ``resume=`` or ``overwrite=true``.
+
+While a process trains a run (a new one, a resume, a sweep job, a requeued SLURM job), it holds the
+run's lock (:func:`hold`), so a second process never trains, resumes or clears the same folder.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import socket
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +34,10 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from moa_train.errors import MoATrainError
 from moa_train.files import write_atomic, write_new
 
+log = logging.getLogger(__name__)
+
 CONFIG_NAME = "config.yaml"
+LOCK_NAME = "run.lock"  # locked (flock) by the one process training the run; names that process
 SUMMARY_NAME = "summary.json"  # what a finished (or stopped) run reports
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint folder: marks it complete
 ADAPTER_CONFIG = "adapter_config.json"  # a saved adapter (a checkpoint or an exported/copied one)
@@ -94,7 +106,8 @@ def claim(run_dir: Path, config_text: str, *, auto: bool, overwrite: bool) -> Pa
                     f"{path} already holds a run; continue it with resume={path}, pick another "
                     "hydra.run.dir, or pass overwrite=true to delete it and start over"
                 )
-            _clear(path)
+            with hold(path):  # a run still training there is refused, not deleted under its process
+                _clear(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
         except FileExistsError:
@@ -115,6 +128,63 @@ def _clear(path: Path) -> None:
             shutil.rmtree(entry)
         else:
             entry.unlink()
+
+
+# ----------------------------------------------------------------------------------------------------
+# The run's lock: one process trains a run dir at a time
+# ----------------------------------------------------------------------------------------------------
+
+
+class RunBusy(MoATrainError):
+    """Another live process holds the run's lock: it is training, resuming or clearing that folder."""
+
+
+# flock failing with these means the file system has no locks (some Lustre or old NFS mounts)
+_NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+
+
+@contextlib.contextmanager
+def hold(run_dir: Path, *, wait_s: float = 0.0) -> Iterator[None]:
+    """Hold ``run_dir/run.lock`` for the block, or raise :class:`RunBusy` naming the process that does.
+
+    ``flock`` rather than a pid file: the kernel (or the NFS lock manager) releases it when its holder
+    exits, however it exits (kill -9, preemption, a crashed node), so a stale lock never blocks a
+    resume. The file is never deleted: a process that deleted it could let a second one lock a new
+    file while a third still holds the old one. The holder writes its pid, host and start time into
+    it, only for the message. ``wait_s``: keep trying that long (a requeued SLURM job may start
+    while its predecessor is still exiting). On a file system without locks this warns and goes on.
+    """
+    path = Path(run_dir) / LOCK_NAME
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by launched workers (PEP 446)
+    try:
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    holder = os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown"
+                    raise RunBusy(
+                        f"{run_dir} is in use by another process ({holder}); wait for it to end or stop "
+                        "it, then run the same command again"
+                    ) from None
+                time.sleep(1.0)
+            except OSError as exc:
+                if exc.errno not in _NO_LOCKS:
+                    raise
+                log.warning(
+                    "%s: this file system has no file locks; nothing stops a second process from "
+                    "using this run dir at the same time",
+                    run_dir,
+                )
+                break
+        os.ftruncate(fd, 0)
+        holder = f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        os.pwrite(fd, (holder + "\n").encode(), 0)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 # ----------------------------------------------------------------------------------------------------

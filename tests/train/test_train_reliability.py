@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -104,6 +105,84 @@ def test_a_run_dir_holding_a_run_is_refused_unless_overwrite(tmp_path: Path) -> 
     code, output = invoke(train_main, [*args, "overwrite=true", "seed=1"], tmp_path)
     assert code == 0, output[-2000:]
     assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+def _unfinished_run(tmp_path: Path, *extra: str) -> list[str]:
+    """Train a 2-step run with its step-2 checkpoint; return its arguments."""
+    args = [*ARGS, "trainer.max_steps=2", "trainer.save_every_steps=2", *extra]
+    code, output = invoke(train_main, args, tmp_path)
+    assert code == 0, output[-2000:]
+    return args
+
+
+def test_a_run_in_use_is_neither_resumed_nor_cleared(tmp_path: Path) -> None:
+    """While a process trains a run (holds its lock), resume= and overwrite=true of that run dir are
+    refused in one line naming the process, and nothing in the folder changes; afterwards both work."""
+    run = tmp_path / "run"
+    args = _unfinished_run(tmp_path, f"hydra.run.dir={run}")
+    shutil.rmtree(run / "final")  # as a kill after the step-2 checkpoint leaves it
+    (run / "summary.json").unlink()
+    with rundir.hold(run):  # this test is the live trainer
+        before = snapshot(run)
+        for argv in ([f"resume={run}"], [*args, "overwrite=true", "seed=1"]):
+            code, output = invoke(train_main, argv, tmp_path)
+            assert code == 2 and len(_errors(output)) == 1, output[-2000:]
+            assert f"is in use by another process (pid {os.getpid()} on " in _errors(output)[0]
+            assert snapshot(run) == before
+    # the holder ended: it resumes, and as its last step is saved, straight to final/ and the summary
+    code, output = invoke(train_main, [f"resume={run}"], tmp_path)
+    assert code == 0, output[-2000:]
+    assert "training ended at step 2 before; writing final/" in output
+    assert (run / "final" / "adapter_model.safetensors").is_file()
+    assert rundir.read_summary(run)["status"] == "completed"
+
+
+def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> None:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time\nfrom moa_train import rundir\n"
+         "with rundir.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)", str(tmp_path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(rundir.RunBusy, match=f"pid {holder.pid} on "), rundir.hold(tmp_path):
+            pass
+        with pytest.raises(rundir.RunBusy), rundir.hold(tmp_path, wait_s=1.5):  # waits, then gives up
+            pass
+    finally:
+        holder.kill()  # kill -9: no clean-up code runs, the kernel drops the lock
+        holder.wait(timeout=60)
+    with rundir.hold(tmp_path):  # free again, and the file still names the holder
+        assert (tmp_path / rundir.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_sweep_started_again_skips_the_job_another_process_is_training(tmp_path: Path) -> None:
+    """Two invocations of one sweep: the job the first one is still training is skipped by the second,
+    its folder untouched (not resumed from its last checkpoint under the first process)."""
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *ARGS,
+        "trainer.max_steps=2",
+        "trainer.save_every_steps=2",
+        "seed=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    code, output = invoke(train_main, args, tmp_path)
+    assert code == 0, output[-2000:]
+    job = sweep / "0"
+    shutil.rmtree(job / "final")  # as if still training after its step-2 checkpoint
+    (job / "summary.json").unlink()
+    with rundir.hold(job):
+        before = snapshot(job)
+        code, output = invoke(train_main, args, tmp_path)
+        assert code == 0, output[-2000:]
+        assert "is in use by another process" in output and "skipped here" in output
+        assert snapshot(job) == before
+        assert not (job / "error.txt").exists()
+    code, output = invoke(train_main, args, tmp_path)  # the first invocation ended: now it resumes
+    assert code == 0, output[-2000:]
+    assert (job / "final").is_dir() and "resuming from" in output
 
 
 # ---- preemption and resume --------------------------------------------------------------------

@@ -3,9 +3,10 @@
 Order (nothing is written before step 3):
 1. ``resume=``: merge the command line into the run's saved config (refusing real changes);
 2. validate every value (``moa_train.cli.validate``), including the batch split over all processes;
-3. claim the run dir atomically by creating its ``config.yaml`` (``moa_train.rundir``); a resumed
-   run never rewrites it: each resume records its overrides and effective config under
-   ``resumes/<time>/`` beside it;
+3. claim the run dir atomically by creating its ``config.yaml`` (``moa_train.rundir``) and hold its
+   lock until the job ends (a resume or a sweep job locks the folder before looking into it, so a
+   folder another process is training is never resumed twice); a resumed run never rewrites
+   ``config.yaml``: each resume records its overrides and effective config under ``resumes/<time>/``;
 4. write Hydra's ``.hydra/`` files and ``train.log``; train or launch the workers.
 """
 
@@ -59,6 +60,8 @@ RESUME_MAY_CHANGE = (
     "model.trust_remote_code",  # only ever from the command line (see rundir.refuse_code_from_file)
 )
 RESUMES_DIR = "resumes"
+# A requeued SLURM job may start while its predecessor still exits (saving, releasing the run's lock)
+REQUEUE_WAIT_S = 300.0
 LOG_FORMAT = "[%(asctime)s][%(name)s][%(levelname)s] - %(message)s"
 
 
@@ -71,6 +74,8 @@ def run(cfg: DictConfig) -> Any:
     try:
         sweep_jobs.check_sweep(cfg, hc)
         return sweep_jobs.objective_value(cfg, _run(cfg))
+    except rundir.RunBusy as exc:
+        return sweep_jobs.busy_job(cfg, hc, exc)
     except Preempted as exc:
         sweep_jobs.requeue_if_submitit(exc)
         raise
@@ -81,7 +86,7 @@ def run(cfg: DictConfig) -> Any:
 
 def _run(cfg: DictConfig) -> dict[str, Any]:
     # deferred: torch and transformers load after the config validates
-    from moa_train.train.recipe import dry_run, train
+    from moa_train.train.recipe import dry_run
 
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
@@ -114,30 +119,51 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             f"(splits: {', '.join(k for k, v in splits.items() if v) or 'none'}); set final_eval.enabled=false"
         )
     config_text = OmegaConf.to_yaml(cfg, resolve=True)
-    if cfg.get("resume"):
-        stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"
-        config_path = run_dir / RESUMES_DIR / stamp / rundir.CONFIG_NAME
-        config_path.parent.mkdir(parents=True)
-        write_atomic(config_path, config_text)  # the effective config of this session
-        write_atomic(config_path.parent / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides)))
-    elif multirun:  # a numbered job folder of this sweep, where Hydra already wrote .hydra/
-        config_path = run_dir / rundir.CONFIG_NAME
-        if not write_new(config_path, config_text):  # the sweep again, or a requeued job: skip or resume
-            finished = existing_run(cfg, run_dir, config_text)
-            if finished is not None:
-                return finished
-            if cfg.get("resume"):
-                # resumed in place: this session's config, as resume= records it (launcher=accelerate's
-                # workers read it, so they resume too)
-                stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"
-                config_path = run_dir / RESUMES_DIR / stamp / rundir.CONFIG_NAME
-                config_path.parent.mkdir(parents=True)
-                write_atomic(config_path, OmegaConf.to_yaml(cfg, resolve=True))
-    else:
-        explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
-        run_dir = rundir.claim(run_dir, config_text, auto=not explicit, overwrite=bool(cfg.get("overwrite")))
-        config_path = run_dir / rundir.CONFIG_NAME
-        _write_hydra_files(run_dir, cfg, hc)
+    with contextlib.ExitStack() as held:
+        if cfg.get("resume") or multirun:  # the folder exists: lock it before looking at what it holds
+            held.enter_context(
+                rundir.hold(run_dir, wait_s=REQUEUE_WAIT_S if sweep_jobs.in_submitit_job() else 0)
+            )
+        if cfg.get("resume"):
+            stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"
+            config_path = run_dir / RESUMES_DIR / stamp / rundir.CONFIG_NAME
+            config_path.parent.mkdir(parents=True)
+            write_atomic(config_path, config_text)  # the effective config of this session
+            write_atomic(
+                config_path.parent / "overrides.yaml", OmegaConf.to_yaml(OmegaConf.create(overrides))
+            )
+        elif multirun:  # a numbered job folder of this sweep, where Hydra already wrote .hydra/
+            config_path = run_dir / rundir.CONFIG_NAME
+            if not write_new(config_path, config_text):  # the sweep again, or a requeued job: skip or resume
+                finished = existing_run(cfg, run_dir, config_text)
+                if finished is not None:
+                    return finished
+                if cfg.get("resume"):
+                    # resumed in place: this session's config, as resume= records it (launcher=accelerate's
+                    # workers read it, so they resume too)
+                    stamp = f"{datetime.now():%Y-%m-%d_%H-%M-%S}-{os.getpid()}"
+                    config_path = run_dir / RESUMES_DIR / stamp / rundir.CONFIG_NAME
+                    config_path.parent.mkdir(parents=True)
+                    write_atomic(config_path, OmegaConf.to_yaml(cfg, resolve=True))
+        else:
+            explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
+            run_dir = rundir.claim(
+                run_dir, config_text, auto=not explicit, overwrite=bool(cfg.get("overwrite"))
+            )
+            held.enter_context(rundir.hold(run_dir))  # a resume= of this new run waits for its end
+            config_path = run_dir / rundir.CONFIG_NAME
+            _write_hydra_files(run_dir, cfg, hc)
+        return _train_in(cfg, run_dir, config_path, splits, multirun)
+
+
+def _train_in(
+    cfg: DictConfig, run_dir: Path, config_path: Path, splits: Any, multirun: bool
+) -> dict[str, Any]:
+    """Train (or launch the workers) in the claimed run dir; a user error before the first save removes
+    what this start wrote."""
+    # deferred: torch and transformers load after the config validates
+    from moa_train.train.recipe import train
+
     saved_before = _saved(run_dir)
     try:
         with _log_file(run_dir / "train.log"):

@@ -12,7 +12,10 @@ when its first job starts, before it trains (:func:`check_sweep`).
 after a preemption or a time limit. If that run has the same config, a finished run is skipped (its
 summary is returned), a run with a complete checkpoint is resumed exactly from the newest one, and a
 run without any checkpoint starts again. A different config is refused: that folder belongs to
-another job.
+another job. A job that another process is still running (it holds the run's lock, ``run.lock``) is
+skipped with a warning naming that process, and its folder is left untouched: two invocations of one
+sweep, or a sweep started again while its first invocation still runs, never train one job twice.
+Under submitit the job waits for the lock first, as a requeued job's predecessor may still be exiting.
 
 **Requeueing under submitit.** SLURM warns a job ``hydra.launcher.signal_delay_s`` seconds before its
 time limit with SIGUSR2 (submitit's signal). The training loop treats it like SIGTERM: it finishes the
@@ -100,10 +103,20 @@ def existing_run(cfg: DictConfig, run_dir: Path, config_text: str) -> dict[str, 
     return None
 
 
+def busy_job(cfg: DictConfig, hydra_cfg: Any, exc: rundir.RunBusy) -> dict[str, Any]:
+    """A job whose folder another process is training: skipped, its folder untouched. An Optuna trial
+    has no value to report then, so there it fails (the study records it as failed)."""
+    target = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
+    if target.startswith(OPTUNA_SWEEPER):
+        raise exc
+    log.warning("%s; skipped here", exc)
+    return {"status": "busy", "reason": one_line(exc)}
+
+
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """Leave the reason of a failed job in its folder (never raises)."""
-    if isinstance(exc, Preempted | ForeignRun):
-        return  # preempted: summary.json says so; foreign: the folder is another run's, left untouched
+    if isinstance(exc, Preempted | ForeignRun | rundir.RunBusy):
+        return  # preempted: summary.json says so; foreign or busy: another run's folder, left untouched
     try:
         if run_dir.is_dir():
             write_atomic(run_dir / ERROR_NAME, f"error: {one_line(exc)} ({type(exc).__name__})\n")

@@ -196,10 +196,15 @@ def setup(
         )  # fmt: skip
         log.info("resumed from %s at step %d (epoch %d)", cfg.resume, state.step, state.epoch)
         replan_schedule(scheduler, total_steps)
-        if state.step >= total_steps:
+        if state.step > total_steps:
             raise MoATrainError(
-                f"resume={cfg.resume}: the run is already at step {state.step} of {total_steps}; to train "
-                f"it further add trainer.max_steps=<more than {state.step}>"
+                f"resume={cfg.resume}: the run is already at step {state.step}, past trainer.max_steps="
+                f"{total_steps}; to train it further add trainer.max_steps=<more than {state.step}>"
+            )
+        if state.step == total_steps:  # stopped after its last step's checkpoint, before final/ or the
+            # final eval (a preemption during the 600 generations): no step to train, finish the run
+            log.info(
+                "training ended at step %d before; writing final/, the final eval and the summary", state.step
             )
     plan.resume(state)  # a stream continues at the saved record
     logger = None
