@@ -29,6 +29,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import open_dict
 
 from conftest import FIXTURES, OFFLINE_ENV, REPO, console_script, run_cli
 from moa_train.bench.runner import build_parser
@@ -131,7 +133,16 @@ def _composes(command: str) -> None:
         return
     if root in SERVING:  # the checkpoint is read at start only; base = the base model alone
         overrides = [o for o in overrides if not o.startswith("checkpoint=")] + ["checkpoint=base"]
-    cfg = compose(root, overrides=_sweep_first(overrides))
+    cfg = compose(root, overrides=_sweep_first(overrides), return_hydra_config=True)
+    sweeper = cfg.hydra.sweeper
+    if str(sweeper.get("_target_", "")).endswith("BasicSweeper") and sweeper.get("params"):
+        # a sweep preset's own lists (sweep=leaderboard): its first job, the command line winning
+        given = {o.split("=", 1)[0].lstrip("+~") for o in overrides}
+        first = [f"{k}={str(v).split(',')[0]}" for k, v in sweeper.params.items() if k not in given]
+        cfg = compose(root, overrides=first + _sweep_first(overrides), return_hydra_config=True)
+    HydraConfig.instance().set_config(cfg)  # ${hydra:...} in a config resolves as inside the job
+    with open_dict(cfg):
+        del cfg["hydra"]
     check_keys(cfg, root)
     if root in VALIDATED:
         validate(cfg, root)

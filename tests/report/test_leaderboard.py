@@ -40,7 +40,7 @@ def test_the_learning_rate_is_chosen_on_validation_not_on_the_held_out_items() -
         records.append(_record("math_lora", "1e-3", seed, (0.9, 0.9), 1.5 + seed / 100))
         records.append(_record("math_lora", "3e-4", seed, (0.3 + seed / 100, 0.4), 1.2 + seed / 100))
     (entry,) = lb.choose(records)
-    assert entry.lr == "3e-4" and entry.lr_note == "lowest validation loss"
+    assert entry.lr == "3e-4" and entry.lr_note == "lowest validation loss, seeds 0, 1, 2"
     assert entry.scores == pytest.approx([statistics.fmean((0.3 + s / 100, 0.4)) for s in (0, 1, 2)])
     assert entry.val_by_lr["1e-3"] == (pytest.approx(1.51), 3)
 
@@ -134,3 +134,50 @@ def test_the_leaderboard_is_a_multirun_config_not_a_shell_loop() -> None:
     assert not (repo / "scripts" / "leaderboard.sh").exists()
     config = (repo / "configs" / "sweep" / "leaderboard.yaml").read_text()
     assert "mode: MULTIRUN" in config and "seed: ${seed}" in config
+
+
+def test_two_phases_choose_the_rate_on_the_search_seed_and_report_every_seed_at_it() -> None:
+    """Phase 1 runs every rate at seed 0; phase 2 only the chosen rate at seeds 1 and 2."""
+    records = [
+        _record("math_soft", "0.0001", 0, (0.9, 0.9), 0.60),  # best on the held-out items: never chosen
+        _record("math_soft", "0.0003", 0, (0.2, 0.3), 0.40),
+        _record("math_soft", "0.001", 0, (0.4, 0.5), 0.37),
+        *[_record("math_soft", "0.001", s, (0.4 + s / 100, 0.5), 0.30 + s) for s in (1, 2)],
+        _record("math_lora", "0.0001", 0, (0.1, 0.1), 0.70),  # a search still running: 2 of 3 rates
+        _record("math_lora", "0.0003", 0, (0.2, 0.2), 0.50),
+    ]
+    entries = {e.experiment: e for e in lb.choose(records)}
+    soft = entries["math_soft"]
+    # seeds 1, 2 ran only at 1e-3 and their (worse) losses do not enter the choice
+    assert soft.lr == "0.001" and soft.lr_note == "lowest validation loss, seed 0"
+    assert soft.val_by_lr["0.001"] == (pytest.approx(0.37), 1) and len(soft.scores) == 3
+    assert entries["math_lora"].lr_note == "lowest validation loss, seed 0; 2 of 3 rates run"
+    assert lb.chosen_rates(records) == {"math_soft": 0.001}  # an unfinished search is not replicated yet
+
+
+def test_rates_write_replaces_only_the_chosen_rates_block(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "records"
+    out.mkdir()
+    for i, (lr, val) in enumerate((("0.0001", 0.5), ("0.0003", 0.4))):
+        (out / f"r{i}.json").write_text(json.dumps(_record("math_lora", lr, 0, (0.2, 0.2), val)))
+    config = tmp_path / "seeds.yaml"
+    config.write_text("# head\nname: x\n# ---- chosen rates: old ----\nleaderboard_methods: math_soft\n")
+    lb.main(["rates", "--results", str(out), "--write", str(config)])
+    assert config.read_text().startswith("# head\nname: x\n# ---- chosen rates: written by")
+    assert config.read_text().endswith(
+        "leaderboard_methods: math_lora\nleaderboard_rates:\n  math_lora: 0.0003\n"
+    )
+    (tmp_path / "plain.yaml").write_text("name: x\n")
+    with pytest.raises(SystemExit) as exc:
+        lb.main(["rates", "--results", str(out), "--write", str(tmp_path / "plain.yaml")])
+    assert exc.value.code == 2 and "has no '# ---- chosen rates:' block" in capsys.readouterr().err
+    assert (tmp_path / "plain.yaml").read_text() == "name: x\n"
+
+
+def test_the_committed_phase_2_rates_are_the_ones_the_committed_records_choose() -> None:
+    repo = Path(__file__).resolve().parents[2]
+    config = (repo / "configs" / "sweep" / "leaderboard_seeds.yaml").read_text()
+    rates = lb.chosen_rates(lb.load_records(repo / "docs" / "leaderboard" / "results"))
+    assert config.endswith(lb.rates_block(rates)), (
+        "run: python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml"
+    )

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from omegaconf import OmegaConf
 
 from conftest import TINY, compose_config, run_cli
 
@@ -156,13 +157,21 @@ def test_sweep_presets_compose() -> None:
     assert job.final_eval.max_records is None and job.final_eval.enabled  # every held-out item
     assert job.trainer.max_steps >= 64 and job.trainer.effective_batch_size >= 16
     params = job.hydra.sweeper.params
-    assert len(str(params.seed).split(",")) >= 3 and len(str(params.experiment).split(",")) == 13
+    assert str(params.seed) == "0" and len(str(params.experiment).split(",")) == 13  # phase 1: the search
+    assert len(str(params["optimizer.lr"]).split(",")) == 3
     assert str(job.hydra.mode).endswith("MULTIRUN")  # one command, no -m
+    # phase 2: seeds 1, 2 at the chosen rates, with phase 1's budget key for key
+    seeds = compose_config(["sweep=leaderboard_seeds", "seed=2", "experiment=math_lora", "model=smollm2_135m",
+                            "data=arith_mix", "optimizer.lr=3e-4"], hydra=True)  # fmt: skip
+    assert str(seeds.hydra.sweeper.params.seed) == "1,2" and "optimizer.lr" not in seeds.hydra.sweeper.params
+    for key in ("trainer", "scheduler", "final_eval", "data", "objective", "hydra.sweep.dir", "hydra.mode"):
+        assert OmegaConf.select(seeds, key) == OmegaConf.select(job, key), key
     lr = compose_config(["sweep=lr_search", *TINY], hydra=True)
     assert lr.objective == "val/loss" and lr.hydra.sweeper.direction == "minimize"
     assert "optuna" in lr.hydra.sweeper._target_
     gpu = compose_config(["sweep=leaderboard_gpu"], hydra=True)
     assert gpu.hydra.sweeper.params.model == "qwen3_1_7b" and gpu.trainer.precision == "bf16"
+    assert len(str(gpu.hydra.sweeper.params.seed).split(",")) == 3  # one phase: every rate at 3 seeds
     assert gpu.hydra.sweeper.params.experiment == params.experiment  # the same methods as on CPU
     slurm = compose_config(["hydra/launcher=slurm", *TINY], hydra=True).hydra.launcher
     assert slurm._target_.endswith("SlurmLauncher") and slurm.signal_delay_s > 0 and slurm.max_num_timeout > 0
@@ -229,3 +238,22 @@ def test_submitit_requeues_a_job_stopped_by_sigusr2_and_it_resumes_from_its_chec
     assert "stopped by SIGUSR2" in log and "resumed from" in log  # saved, requeued, resumed
     summary = json.loads((sweep / "0" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["step"] == 2000
+
+
+def test_phase_2_jobs_take_the_chosen_rate_into_phase_1_folder_names(tmp_path: Path) -> None:
+    """sweep=leaderboard_seeds: the rate comes from the chosen-rates block, not from an override, and
+    the folders are named as sweep=leaderboard names them, so both phases share one sweep folder."""
+    from test_bad_inputs import invoke
+
+    from moa_train.cli.main import train_main
+    from moa_train.report import leaderboard as lb
+
+    rates = lb.chosen_rates(lb.load_records(Path(__file__).resolve().parents[2] / "docs/leaderboard/results"))
+    method, rate = sorted(rates.items())[0]
+    sweep = tmp_path / "sweep"
+    code, output = invoke(train_main, ["sweep=leaderboard_seeds", "model=tiny_random", "dry_run=true",
+                                       f"experiment={method}", f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert sorted(p.name for p in _jobs(sweep)) == [
+        f"experiment={method},optimizer.lr={rate},seed={s}" for s in (1, 2)
+    ]

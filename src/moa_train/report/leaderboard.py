@@ -10,8 +10,13 @@ Two steps, so that a leaderboard can grow over several sessions:
 ``page``
     rebuilds ``--out`` (default ``docs/leaderboard.md``) from every record found, whatever finished.
 
-Statistics (per method): the learning rate is the one with the lowest mean validation loss over its
-seeds (the same grid for every method; the held-out items are never used to choose it); at that rate,
+``rates [--write CONFIG]``
+    the rate each method's search chose, as the block that ends ``configs/sweep/leaderboard_seeds.yaml``
+    (the second phase: more seeds at the chosen rates); ``--write`` replaces that block in CONFIG.
+
+Statistics (per method): the learning rate is the one with the lowest mean validation loss over the
+seeds that ran every rate of the grid (the search seeds: seed 0 when the other seeds run only at the
+chosen rate; the same grid for every method; the held-out items are never used to choose it); at that rate,
 the held-out accuracy (unweighted mean over the tasks) is given as mean ± sample std over the seeds
 and a 95% interval for the mean (Student t, n-1 degrees of freedom). A method is "within noise" of the
 best one when Welch's t-test over the seeds does not separate them at the 5% level.
@@ -113,7 +118,8 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
 
 
 def _config(job_dir: Path) -> Any:
-    for path in (job_dir / ".hydra" / "config.yaml", job_dir / "config.yaml"):
+    # the run's resolved config first: Hydra's copy keeps interpolations that resolve only inside the job
+    for path in (job_dir / "config.yaml", job_dir / ".hydra" / "config.yaml"):
         if path.is_file():
             try:
                 return OmegaConf.load(path)
@@ -196,28 +202,79 @@ class Entry:
 
 
 def choose(records: list[dict[str, Any]]) -> list[Entry]:
-    """Per method: the learning rate with the lowest mean validation loss, and its completed runs."""
+    """Per method: the learning rate with the lowest mean validation loss over its search seeds (those
+    that ran every rate the method ran), and the completed runs at that rate over all seeds."""
     by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         if r.get("job") == "base_model" or r.get("status") != "completed":
             continue
         by_method.setdefault(str(r["experiment"]), {}).setdefault(str(r["lr"]), []).append(r)
+    grid = {lr for by_lr in by_method.values() for lr in by_lr}  # every rate any method ran
     entries = []
     for experiment, by_lr in by_method.items():
+        scored = {
+            lr: {str(r["seed"]) for r in runs if r.get("val_loss") is not None} for lr, runs in by_lr.items()
+        }
+        search = set.intersection(*scored.values())  # seeds with a validation loss at every rate run
         val = {}
         for lr, runs in by_lr.items():
-            losses = [r["val_loss"] for r in runs if r.get("val_loss") is not None]
-            val[lr] = (statistics.fmean(losses) if losses else None, len(runs))
-        scored = {lr: v for lr, (v, _) in val.items() if v is not None}
-        if scored:
-            lr = min(scored, key=lambda k: scored[k])
-            note = "lowest validation loss" if len(by_lr) > 1 else "only rate run (no search)"
+            losses = [
+                r["val_loss"] for r in runs if str(r["seed"]) in search and r.get("val_loss") is not None
+            ]
+            val[lr] = (statistics.fmean(losses) if losses else None, len(losses))
+        chosen = {lr: v for lr, (v, _) in val.items() if v is not None}
+        if chosen and len(by_lr) > 1:
+            lr = min(chosen, key=lambda k: chosen[k])
+            seeds = ", ".join(sorted(search, key=_seed_order))
+            note = f"lowest validation loss, seed{'s' if len(search) > 1 else ''} {seeds}"
+            if len(by_lr) < len(grid):
+                note += f"; {len(by_lr)} of {len(grid)} rates run"
+        elif chosen:
+            lr, note = next(iter(chosen)), "only rate run (no search)"
         else:
             lr = max(by_lr, key=lambda k: len(by_lr[k]))
             note = "no validation loss recorded: rate not chosen on validation"
         entries.append(Entry(experiment, lr, note, val, by_lr[lr]))
     entries.sort(key=lambda e: -(statistics.fmean(e.scores) if e.scores else -1.0))
     return entries
+
+
+def chosen_rates(records: list[dict[str, Any]]) -> dict[str, float]:
+    """method -> its chosen rate, for the methods whose search ran every rate of the grid."""
+    grid = {str(r["lr"]) for r in records if r.get("job") != "base_model" and r.get("status") == "completed"}
+    return {
+        e.experiment: float(e.lr)
+        for e in choose(records)
+        if e.lr is not None and e.lr_note.startswith("lowest validation loss") and set(e.val_by_lr) == grid
+    }
+
+
+RATES_MARKER = "# ---- chosen rates:"
+
+
+def rates_block(rates: dict[str, float]) -> str:
+    """The end of ``configs/sweep/leaderboard_seeds.yaml``: the methods to replicate and their rates."""
+    lines = [
+        f"{RATES_MARKER} written by `python -m moa_train.report.leaderboard rates --write` (do not edit) ----",
+        f"leaderboard_methods: {','.join(sorted(rates)) or 'null  # no search has finished yet'}",
+        "leaderboard_rates:" + ("" if rates else " {}"),
+        *[f"  {name}: {rate!r}" for name, rate in sorted(rates.items())],
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def write_rates(config: Path, rates: dict[str, float]) -> None:
+    """Replace the chosen-rates block at the end of ``config`` (everything from its marker line on)."""
+    text = config.read_text(encoding="utf-8") if config.is_file() else ""
+    if RATES_MARKER not in text:
+        raise ReportError(
+            f"{config} has no '{RATES_MARKER}' block; pass configs/sweep/leaderboard_seeds.yaml"
+        )
+    write_atomic(config, text.split(RATES_MARKER)[0] + rates_block(rates))
+
+
+def _seed_order(seed: str) -> tuple[int, str]:
+    return (int(seed), "") if seed.lstrip("-").isdigit() else (0, seed)
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -310,7 +367,7 @@ def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
         "",
         *_noise_summary(entries),
         "",
-        "### Learning-rate choice (mean validation loss over seeds)",
+        "### Learning-rate choice (mean validation loss over the search seeds; bold: chosen)",
         "",
     ]
     lrs = sorted({lr for e in entries for lr in e.val_by_lr}, key=float)
@@ -360,11 +417,22 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out", type=Path, default=PAGE, help=f"the page (default {PAGE})")
     intro_help = "markdown put above the results (default: the page's own text above '## Results')"
     p.add_argument("--intro", type=Path, default=None, help=intro_help)
+    r = sub.add_parser("rates", help="the rate each method's search chose (for sweep=leaderboard_seeds)")
+    r.add_argument("--results", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
+    r.add_argument("--write", type=Path, default=None, help="replace the chosen-rates block of this config")
     args = parser.parse_args(argv)
     try:
         if args.command == "collect":
             written = collect(args.sweep_dir, args.into, args.base)
             print(f"{len(written)} records written to {args.into}")
+            return
+        if args.command == "rates":
+            rates = chosen_rates(load_records(args.results))
+            if args.write is None:
+                print(rates_block(rates), end="")
+            else:
+                write_rates(args.write, rates)
+                print(f"written: {args.write} ({len(rates)} methods)")
             return
         intro = args.intro.read_text(encoding="utf-8") if args.intro else _own_intro(args.out)
         args.out.parent.mkdir(parents=True, exist_ok=True)
