@@ -13,7 +13,7 @@ after a preemption or a time limit. If that run has the same config, a finished 
 summary is returned), a run with a complete checkpoint is resumed exactly from the newest one, and a
 run without any checkpoint starts again. A different config is refused: that folder belongs to
 another job. A job that another process is still running (it holds the run's lock, ``run.lock``) is
-skipped with a warning naming that process, and its folder is left untouched: two invocations of one
+skipped with a warning naming that process, and nothing of its run is touched: two invocations of one
 sweep, or a sweep started again while its first invocation still runs, never train one job twice.
 Under submitit the job waits for the lock first, as a requeued job's predecessor may still be exiting.
 
