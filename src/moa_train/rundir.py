@@ -124,6 +124,8 @@ def claim(run_dir: Path, config_text: str, *, auto: bool, overwrite: bool) -> Pa
 def _clear(path: Path) -> None:
     """``overwrite=true``: delete what the earlier run left in ``path``."""
     for entry in path.iterdir():
+        if entry.name == LOCK_NAME:  # held by this process while it clears: never deleted (see hold)
+            continue
         if entry.is_dir() and not entry.is_symlink():
             shutil.rmtree(entry)
         else:
