@@ -105,6 +105,17 @@ def test_collect_records_finished_and_failed_jobs_and_skips_running_ones(tmp_pat
         "0.0003",
     )
     assert done["budget"]["steps"] == 64
+    # a summary without the validation loss (finished by a resume from its last checkpoint): the log has it
+    job = sweep / "experiment=math_lora,optimizer.lr=0.0003,seed=0"
+    (job / "summary.json").write_text(json.dumps({"status": "completed", "step": 64}))
+    (job / "metrics.jsonl").write_text(
+        '{"step": 32, "val/loss": 1.5}\n{"step": 64, "val/loss": 1.3}\n{"step": 64, "tr'
+    )
+    lb.collect(sweep, out)
+    assert (
+        json.loads((out / "experiment=math_lora,optimizer.lr=0.0003,seed=0.json").read_text())["val_loss"]
+        == 1.3
+    )
     failed = json.loads((out / "experiment=math_soft,optimizer.lr=0.0003,seed=0.json").read_text())
     assert failed["status"] != "completed" and "data.max_len=1" in failed["reason"]
     page = lb.build_page(lb.load_records(out))
@@ -153,6 +164,17 @@ def test_two_phases_choose_the_rate_on_the_search_seed_and_report_every_seed_at_
     assert soft.val_by_lr["0.001"] == (pytest.approx(0.37), 1) and len(soft.scores) == 3
     assert entries["math_lora"].lr_note == "lowest validation loss, seed 0; 2 of 3 rates run"
     assert lb.chosen_rates(records) == {"math_soft": 0.001}  # an unfinished search is not replicated yet
+    # a rate whose job recorded no validation loss cannot be chosen, and the method waits for it
+    records += [
+        _record("math_mola", lr, 0, (0.2, 0.2), val)
+        for lr, val in (("0.0001", 0.6), ("0.0003", 0.5), ("0.001", None))
+    ]
+    mola = next(e for e in lb.choose(records) if e.experiment == "math_mola")
+    assert (
+        mola.lr == "0.0003"
+        and mola.lr_note == "lowest validation loss, seed 0; 1 rate(s) without a validation loss"
+    )
+    assert "math_mola" not in lb.chosen_rates(records)
 
 
 def test_rates_write_replaces_only_the_chosen_rates_block(tmp_path: Path, capsys) -> None:

@@ -87,6 +87,26 @@ def test_early_stopping_saves_and_records_the_stop(tmp_path: Path) -> None:
     assert (tmp_path / "run" / "checkpoints" / "step-4" / "trainer_state.json").is_file()  # saved at the stop
     assert json.loads((tmp_path / "run" / "final" / "trainer_state.json").read_text())["step"] == 4
     assert max(r["step"] for r in read_metrics(tmp_path / "run")) == 4
+    # killed after the stop's checkpoint, before final/: the resume trains nothing more, records the same
+    again = train_in_process(
+        tmp_path / "again",
+        VALIDATED + ["trainer.early_stopping.patience=1", "trainer.early_stopping.min_delta=100",
+                     f"resume={tmp_path / 'run' / 'checkpoints' / 'step-4'}"],
+    )  # fmt: skip
+    assert (again["stopped_early"], again["step"], again["val/loss"]) == (True, 4, summary["val/loss"])
+    assert not (tmp_path / "again" / "metrics.jsonl").exists() or not read_metrics(tmp_path / "again")
+
+
+def test_a_run_resumed_from_its_last_checkpoint_reports_its_last_validation(tmp_path: Path) -> None:
+    """Stopped after the last step's checkpoint, before final/ and the summary: the resume writes them,
+    with the validation loss of the last pass (a sweep chooses its learning rate on it)."""
+    args = [*VALIDATED, "trainer.max_steps=4"]
+    full = train_in_process(tmp_path / "full", args)
+    resumed = train_in_process(
+        tmp_path / "resumed", [*args, f"resume={tmp_path / 'full' / 'checkpoints' / 'step-4'}"]
+    )
+    assert resumed["step"] == 4 and resumed["val/loss"] == full["val/loss"]
+    assert (resumed["best_step"], resumed["best_metric"]) == (full["best_step"], full["best_metric"])
 
 
 def test_validation_pass_leaves_training_telemetry_alone() -> None:

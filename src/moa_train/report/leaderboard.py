@@ -92,7 +92,7 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
             "status": "completed" if job.ok else job.status,
             "reason": job.reason,
             "objective": objective,
-            "val_loss": _number(job.summary.get(objective)),
+            "val_loss": _number(job.summary.get(objective)) or _last_logged(job_dir, objective),
             "accuracy": job.datasets,
             "eval_records": job.n_eval,
             "summary": {k: job.summary[k] for k in SUMMARY_KEYS if k in job.summary},
@@ -115,6 +115,24 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
         write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         written.append(path)
     return written
+
+
+def _last_logged(job_dir: Path, key: str) -> float | None:
+    """The last value of ``key`` in the job's metrics.jsonl: the validation loss of a job whose summary
+    lacks it (a job finished by a resume from its last checkpoint, before the summary kept that pass)."""
+    value = None
+    try:
+        lines = (job_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(record, dict) and _number(record.get(key)) is not None:
+            value = _number(record[key])
+    return value
 
 
 def _config(job_dir: Path) -> Any:
@@ -212,10 +230,12 @@ def choose(records: list[dict[str, Any]]) -> list[Entry]:
     grid = {lr for by_lr in by_method.values() for lr in by_lr}  # every rate any method ran
     entries = []
     for experiment, by_lr in by_method.items():
-        scored = {
+        # per rate, the seeds with a validation loss; a rate without any cannot compete
+        seeds_by_lr = {
             lr: {str(r["seed"]) for r in runs if r.get("val_loss") is not None} for lr, runs in by_lr.items()
         }
-        search = set.intersection(*scored.values())  # seeds with a validation loss at every rate run
+        scored = {lr: seeds for lr, seeds in seeds_by_lr.items() if seeds}
+        search = set.intersection(*scored.values()) if scored else set()  # the search seeds
         val = {}
         for lr, runs in by_lr.items():
             losses = [
@@ -229,6 +249,8 @@ def choose(records: list[dict[str, Any]]) -> list[Entry]:
             note = f"lowest validation loss, seed{'s' if len(search) > 1 else ''} {seeds}"
             if len(by_lr) < len(grid):
                 note += f"; {len(by_lr)} of {len(grid)} rates run"
+            if len(scored) < len(by_lr):
+                note += f"; {len(by_lr) - len(scored)} rate(s) without a validation loss"
         elif chosen:
             lr, note = next(iter(chosen)), "only rate run (no search)"
         else:
@@ -245,7 +267,10 @@ def chosen_rates(records: list[dict[str, Any]]) -> dict[str, float]:
     return {
         e.experiment: float(e.lr)
         for e in choose(records)
-        if e.lr is not None and e.lr_note.startswith("lowest validation loss") and set(e.val_by_lr) == grid
+        if e.lr is not None
+        and e.lr_note.startswith("lowest validation loss")
+        and set(e.val_by_lr) == grid
+        and all(v is not None for v, _ in e.val_by_lr.values())
     }
 
 
@@ -349,8 +374,9 @@ def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
             if e is best
             else ("n/a (< 2 seeds)" if p is None else f"{p:.2f}" + (" (within noise)" if p >= 0.05 else ""))
         )
+        timed = [r.get("summary") or {} for r in e.runs]
         secs = [
-            r["summary"]["train_seconds"] / r["summary"]["step"] for r in e.runs if r["summary"].get("step")
+            t["train_seconds"] / t["step"] for t in timed if t.get("step") and _number(t.get("train_seconds"))
         ]
         cells = [
             f"{e.name} (`{e.experiment}`)",

@@ -247,7 +247,11 @@ def loop(run: Run, stop: Any) -> None:
     progress = progress_bar(run.show_bar, total, state.step)
     first_step, loop_started = state.step, time.perf_counter()
     started, compiled_before = time.perf_counter(), compile_seconds()
-    stopped = False
+    # resumed from the checkpoint where early stopping ended the run: nothing is left to train, unless
+    # the run is extended from final/ (resume=<run>/final trainer.max_steps=<more>)
+    if run.validation.stopped_early and Path(str(run.cfg.get("resume") or "")).name == "final":
+        run.validation.stopped_early = False
+    stopped = run.validation.stopped_early
     while state.step < total and not stopped:
         for k in range(state.step_in_epoch, plan.steps_in_epoch(state.epoch)):
             step_batch = plan.step(state.epoch, k)

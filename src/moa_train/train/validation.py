@@ -280,10 +280,12 @@ class ValidationLoop:
         self.every = tc.get("eval_every_steps")
         self.records = splits.get("val") or []
         self.enabled = self.every is not None and bool(self.records)
-        self.tracker = Tracker(cfg, state.extra.get("validation"))
+        saved = state.extra.get("validation") or {}
+        self.tracker = Tracker(cfg, saved)
         self.micro_batch = int(tc.micro_batch_size)
-        self.stopped_early = False
-        self.last: dict[str, float] = {}
+        # a run resumed from its last (or early-stopping) checkpoint reports the pass that checkpoint saw
+        self.stopped_early = bool(saved.get("stopped_early", False))
+        self.last: dict[str, float] = dict(saved.get("last") or {})
         if not self.enabled:
             return
 
@@ -308,7 +310,12 @@ class ValidationLoop:
             )
         self.last = {k: v for k, v in metrics.items() if k in METRICS}
         improved, stop = self.tracker.update(metrics, state.step)
-        state.extra["validation"] = self.tracker.state()
+        self.stopped_early = stop and state.step < total_steps
+        state.extra["validation"] = {
+            **self.tracker.state(),
+            "last": self.last,
+            "stopped_early": self.stopped_early,
+        }
         metrics["val/best"] = self.tracker.best
         if logger is not None:
             logger.log(metrics, state.step)
@@ -318,8 +325,7 @@ class ValidationLoop:
         )  # fmt: skip
         if improved:
             save_best(self.run_dir / BEST_DIR)
-        if stop and state.step < total_steps:
-            self.stopped_early = True
+        if self.stopped_early:
             log.warning(
                 "early stopping at step %d: %s has not improved by more than %g for %d validation passes",
                 state.step, self.tracker.metric, self.tracker.min_delta, self.tracker.bad,
