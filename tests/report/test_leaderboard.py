@@ -40,7 +40,7 @@ def test_the_learning_rate_is_chosen_on_validation_not_on_the_held_out_items() -
         records.append(_record("math_lora", "1e-3", seed, (0.9, 0.9), 1.5 + seed / 100))
         records.append(_record("math_lora", "3e-4", seed, (0.3 + seed / 100, 0.4), 1.2 + seed / 100))
     (entry,) = lb.choose(records)
-    assert entry.lr == "3e-4" and entry.lr_note == "lowest validation loss, seeds 0, 1, 2"
+    assert entry.lr == "3e-4" and entry.lr_note == "lowest validation loss, seeds 0, 1, 2; at the edge of the grid"
     assert entry.scores == pytest.approx([statistics.fmean((0.3 + s / 100, 0.4)) for s in (0, 1, 2)])
     assert entry.val_by_lr["1e-3"] == (pytest.approx(1.51), 3)
 
@@ -160,7 +160,7 @@ def test_two_phases_choose_the_rate_on_the_search_seed_and_report_every_seed_at_
     entries = {e.experiment: e for e in lb.choose(records)}
     soft = entries["math_soft"]
     # seeds 1, 2 ran only at 1e-3 and their (worse) losses do not enter the choice
-    assert soft.lr == "0.001" and soft.lr_note == "lowest validation loss, seed 0"
+    assert soft.lr == "0.001" and soft.lr_note == "lowest validation loss, seed 0; at the edge of the grid"
     assert soft.val_by_lr["0.001"] == (pytest.approx(0.37), 1) and len(soft.scores) == 3
     assert entries["math_lora"].lr_note == "lowest validation loss, seed 0; 2 of 3 rates run"
     assert lb.chosen_rates(records) == {"math_soft": 0.001}  # an unfinished search is not replicated yet

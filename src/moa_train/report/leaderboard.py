@@ -251,6 +251,8 @@ def choose(records: list[dict[str, Any]]) -> list[Entry]:
                 note += f"; {len(by_lr)} of {len(grid)} rates run"
             if len(scored) < len(by_lr):
                 note += f"; {len(by_lr) - len(scored)} rate(s) without a validation loss"
+            if lr in (min(grid, key=float), max(grid, key=float)):  # the best may lie beyond the grid
+                note += "; at the edge of the grid"
         elif chosen:
             lr, note = next(iter(chosen)), "only rate run (no search)"
         else:
@@ -419,10 +421,13 @@ def _noise_summary(entries: list[Entry]) -> list[str]:
     best = entries[0]
     tied = [e.name for e in entries[1:] if (p := welch_p(e.scores, best.scores)) is not None and p >= 0.05]
     apart = [e.name for e in entries[1:] if (p := welch_p(e.scores, best.scores)) is not None and p < 0.05]
+    untested = [e.name for e in entries if len(e.scores) < 2]
     text = [f"Best mean accuracy: **{best.name}**."]
     text.append(
         f"Within noise of it (Welch's t-test over seeds, p ≥ 0.05): {', '.join(tied) or 'none'}; "
-        f"separated from it (p < 0.05): {', '.join(apart) or 'none'}. With 3 seeds the test has little power: "
+        f"separated from it (p < 0.05): {', '.join(apart) or 'none'}"
+        + (f"; not testable yet (fewer than 2 seeds): {', '.join(untested)}" if untested else "")
+        + ". With 3 seeds the test has little power: "
         '"within noise" means the seeds cannot tell the methods apart, not that they are equal.'
     )
     return [" ".join(text)]
