@@ -40,7 +40,10 @@ def test_the_learning_rate_is_chosen_on_validation_not_on_the_held_out_items() -
         records.append(_record("math_lora", "1e-3", seed, (0.9, 0.9), 1.5 + seed / 100))
         records.append(_record("math_lora", "3e-4", seed, (0.3 + seed / 100, 0.4), 1.2 + seed / 100))
     (entry,) = lb.choose(records)
-    assert entry.lr == "3e-4" and entry.lr_note == "lowest validation loss, seeds 0, 1, 2; at the edge of the grid"
+    assert (
+        entry.lr == "3e-4"
+        and entry.lr_note == "lowest validation loss, seeds 0, 1, 2; at the edge of the grid"
+    )
     assert entry.scores == pytest.approx([statistics.fmean((0.3 + s / 100, 0.4)) for s in (0, 1, 2)])
     assert entry.val_by_lr["1e-3"] == (pytest.approx(1.51), 3)
 
