@@ -9,7 +9,10 @@ import statistics
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
+import moa_train.cli.main  # noqa: F401  (registers the moa_fail resolver)
+from moa_train.errors import one_line
 from moa_train.report import leaderboard as lb
 
 TASKS = ("2_digit_addition", "3_digit_addition")
@@ -205,4 +208,14 @@ def test_the_committed_phase_2_rates_are_the_ones_the_committed_records_choose()
     rates = lb.chosen_rates(lb.load_records(repo / "docs" / "leaderboard" / "results"))
     assert config.endswith(lb.rates_block(rates)), (
         "run: python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml"
+    )
+
+
+def test_phase_2_before_any_search_stops_with_one_line_naming_the_fix() -> None:
+    block = OmegaConf.create(lb.rates_block({}))
+    with pytest.raises(Exception) as exc:
+        _ = block.leaderboard_methods
+    assert one_line(exc.value) == (
+        "sweep=leaderboard_seeds has no chosen rates yet; run sweep=leaderboard first, collect its jobs, "
+        "then python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml"
     )

@@ -50,7 +50,14 @@ def _output_subdir(mode: Any) -> str | None:
     return ".hydra" if str(mode).endswith("MULTIRUN") else None
 
 
+def _fail(message: str) -> None:
+    """``${moa_fail:'<problem>; <fix>'}``: a preset that cannot run yet stops with that one line when
+    the value is needed (the chosen-rates block of sweep=leaderboard_seeds before any search finished)."""
+    raise MoATrainError(message)
+
+
 OmegaConf.register_new_resolver("moa_run_dir", _run_dir, replace=True)
+OmegaConf.register_new_resolver("moa_fail", _fail, replace=True)
 OmegaConf.register_new_resolver("moa_output_subdir", _output_subdir, replace=True)
 
 

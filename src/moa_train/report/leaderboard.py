@@ -277,13 +277,17 @@ def chosen_rates(records: list[dict[str, Any]]) -> dict[str, float]:
 
 
 RATES_MARKER = "# ---- chosen rates:"
+NO_RATES = (  # what sweep=leaderboard_seeds says when run before any method's search has finished
+    "${moa_fail:'sweep=leaderboard_seeds has no chosen rates yet; run sweep=leaderboard first, collect its "
+    "jobs, then python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml'}"
+)
 
 
 def rates_block(rates: dict[str, float]) -> str:
     """The end of ``configs/sweep/leaderboard_seeds.yaml``: the methods to replicate and their rates."""
     lines = [
         f"{RATES_MARKER} written by `python -m moa_train.report.leaderboard rates --write` (do not edit) ----",
-        f"leaderboard_methods: {','.join(sorted(rates)) or 'null  # no search has finished yet'}",
+        f"leaderboard_methods: {','.join(sorted(rates)) or NO_RATES}",
         "leaderboard_rates:" + ("" if rates else " {}"),
         *[f"  {name}: {rate!r}" for name, rate in sorted(rates.items())],
     ]
