@@ -158,7 +158,7 @@ def test_sweep_presets_compose() -> None:
     assert job.trainer.max_steps >= 64 and job.trainer.effective_batch_size >= 16
     params = job.hydra.sweeper.params
     assert str(params.seed) == "0" and len(str(params.experiment).split(",")) == 13  # phase 1: the search
-    assert len(str(params["optimizer.lr"]).split(",")) == 3
+    assert len(str(params["optimizer.lr"]).split(",")) == 4
     assert str(job.hydra.mode).endswith("MULTIRUN")  # one command, no -m
     # phase 2: seeds 1, 2 at the chosen rates, with phase 1's budget key for key
     seeds = compose_config(["sweep=leaderboard_seeds", "seed=2", "experiment=math_lora", "model=smollm2_135m",
