@@ -41,3 +41,23 @@ def test_default_multirun_folder_layout(tmp_path: Path) -> None:
     (day,) = (tmp_path / "multirun").iterdir()
     (time_dir,) = day.iterdir()
     assert (time_dir / "0" / "summary.json").is_file() and (time_dir / "summary.csv").is_file()
+
+
+def test_summary_table_tells_failed_jobs_from_unfinished_ones(tmp_path: Path) -> None:
+    """A job without a summary is failed only when it left its reason; else it is still running (a
+    parallel launcher refreshes the table after each job) or was stopped: incomplete, not failed."""
+    from moa_train.cli.sweep import write_summary
+
+    for job, files in {"0": {"summary.json": '{"status": "completed", "step": 2}'},
+                       "1": {"error.txt": "error: trainer.max_steps=-3 is invalid\n"}, "2": {}}.items():  # fmt: skip
+        (tmp_path / job / ".hydra").mkdir(parents=True)
+        (tmp_path / job / ".hydra" / "overrides.yaml").write_text(f"- seed={job}\n")
+        for name, text in files.items():
+            (tmp_path / job / name).write_text(text)
+    write_summary(tmp_path)
+    rows = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert [(r["status"], r["error"]) for r in rows] == [
+        ("completed", ""),
+        ("failed", "error: trainer.max_steps=-3 is invalid"),
+        ("incomplete", ""),
+    ]

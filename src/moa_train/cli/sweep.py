@@ -3,8 +3,9 @@
 Each job writes ``summary.json`` (final metrics) into its folder ``multirun/<date>/<time>/<job>/``;
 Hydra keeps the job's overrides in ``<job>/.hydra/overrides.yaml``. When the sweep ends, this
 callback writes ``summary.csv`` and ``summary.md`` to the sweep folder: one row per job with its
-overrides, its status and its final metrics. The table is also refreshed after every job, because
-Hydra's basic sweeper skips ``on_multirun_end`` when a job failed; the table then shows which.
+overrides, its status (completed, failed with its reason, or incomplete: no summary yet, as for a job
+a parallel launcher is still running) and its final metrics. The table is also refreshed after every
+job, because Hydra's basic sweeper skips ``on_multirun_end`` when a job failed; the table then shows which.
 ``summary_by_method.{csv,md}`` groups the jobs whose overrides differ only in ``seed=`` and gives
 the mean ± sample std over the completed seeds of every numeric final metric (accuracy, loss, tokens/s).
 """
@@ -69,8 +70,11 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if isinstance(data, dict):
             row["status"] = data.pop("status", "completed")
             row.update({k: v for k, v in data.items() if not isinstance(v, dict | list)})
-        else:
+        elif (job / "error.txt").is_file():  # the job's own one-line reason (cli/sweep_jobs.py)
             row["status"] = "failed"
+            row["error"] = _first_line(job / "error.txt")
+        else:  # no summary yet: still training (a parallel launcher's job), or stopped without one
+            row["status"] = "incomplete"
         rows.append(row)
     return rows
 
@@ -129,6 +133,13 @@ def _write_table(stem: Path, rows: list[dict[str, Any]], first: list[str]) -> No
             cells.append(f"{cell} ± {_cell(std)}" if std is not None else cell)
         lines.append("| " + " | ".join(cells) + " |")
     write_atomic(stem.with_suffix(".md"), "\n".join(lines) + "\n")
+
+
+def _first_line(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace").strip().splitlines()[0]
+    except (OSError, IndexError):
+        return ""
 
 
 def _is_number(value: Any) -> bool:
