@@ -70,6 +70,8 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         if isinstance(data, dict):
             row["status"] = data.pop("status", "completed")
             row.update({k: v for k, v in data.items() if not isinstance(v, dict | list)})
+        elif data is not None:  # summary.json holds JSON, but not an object
+            row["status"] = f"failed ({SUMMARY_NAME} is not a JSON object)"
         elif (job / "error.txt").is_file():  # the job's own one-line reason (cli/sweep_jobs.py)
             row["status"] = "failed"
             row["error"] = _first_line(job / "error.txt")
