@@ -86,6 +86,7 @@ def test_collect_records_finished_and_failed_jobs_and_skips_running_ones(tmp_pat
         "experiment=math_lora,optimizer.lr=0.0003,seed=0": {"status": "completed", "train/loss": 1.0,
                                                             "val/loss": 1.25, "step": 64, "train_seconds": 64.0},
         "experiment=math_lora,optimizer.lr=0.0003,seed=1": None,  # still running
+        "experiment=math_lora,optimizer.lr=0.001,seed=1": {"status": "preempted", "step": 14},  # resumes later
         "experiment=math_soft,optimizer.lr=0.0003,seed=0": "failed",
     }  # fmt: skip
     for name, summary in jobs.items():
