@@ -23,6 +23,7 @@ from hydra.experimental.callback import Callback
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from moa_train.cli.sweep_jobs import ERROR_NAME
 from moa_train.files import write_atomic
 from moa_train.report.methods import mean_std
 from moa_train.rundir import SUMMARY_NAME
@@ -72,9 +73,9 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
             row.update({k: v for k, v in data.items() if not isinstance(v, dict | list)})
         elif data is not None:  # summary.json holds JSON, but not an object
             row["status"] = f"failed ({SUMMARY_NAME} is not a JSON object)"
-        elif (job / "error.txt").is_file():  # the job's own one-line reason (cli/sweep_jobs.py)
+        elif (job / ERROR_NAME).is_file():  # the job's own one-line reason (cli/sweep_jobs.py)
             row["status"] = "failed"
-            row["error"] = _first_line(job / "error.txt")
+            row["error"] = _first_line(job / ERROR_NAME)
         else:  # no summary yet: still training (a parallel launcher's job), or stopped without one
             row["status"] = "incomplete"
         rows.append(row)

@@ -39,6 +39,7 @@ from omegaconf import OmegaConf
 
 from moa_train.files import write_atomic
 from moa_train.report.jobs import ReportError, find_jobs, read_base, read_job, task_map_for
+from moa_train.train.loggers import read_metrics
 
 RESULTS = Path("docs/leaderboard/results")
 PAGE = Path("docs/leaderboard.md")
@@ -122,19 +123,11 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
 def _last_logged(job_dir: Path, key: str) -> float | None:
     """The last value of ``key`` in the job's metrics.jsonl: the validation loss of a job whose summary
     lacks it (a job finished by a resume from its last checkpoint, before the summary kept that pass)."""
-    value = None
     try:
-        lines = (job_dir / "metrics.jsonl").read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError):
+        values = [_number(r.get(key)) for r in read_metrics(job_dir) if isinstance(r, dict)]
+    except (OSError, ValueError):  # unreadable or damaged: the record has no validation loss
         return None
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(record, dict) and _number(record.get(key)) is not None:
-            value = _number(record[key])
-    return value
+    return next((v for v in reversed(values) if v is not None), None)
 
 
 def _config(job_dir: Path) -> Any:
