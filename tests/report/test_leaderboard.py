@@ -27,6 +27,12 @@ def _record(experiment: str, lr: str, seed: int, acc: tuple[float, float], val: 
     }  # fmt: skip
 
 
+def _grid(folder: Path, rates: str) -> Path:
+    config = folder / "grid.yaml"
+    config.write_text(f"hydra:\n  sweeper:\n    params:\n      optimizer.lr: {rates}\n")
+    return config
+
+
 def test_interval_and_welch_match_textbook_values() -> None:
     low, high = lb.interval95([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.303
     assert (high - low) / 2 == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
@@ -138,7 +144,9 @@ def test_page_command_rebuilds_from_records_and_keeps_the_intro(tmp_path: Path, 
         )
     page = tmp_path / "leaderboard.md"
     page.write_text("# Method leaderboard\n\nHand-written intro.\n\n## Results (old)\nstale\n")
-    lb.main(["page", "--results", str(out), "--out", str(page)])
+    lb.main(
+        ["page", "--results", str(out), "--out", str(page), "--grid-config", str(_grid(tmp_path, "3e-4"))]
+    )
     text = page.read_text()
     assert text.startswith("# Method leaderboard\n\nHand-written intro.") and "stale" not in text
     assert "no validation loss recorded: rate not chosen on validation" in text
@@ -191,14 +199,15 @@ def test_rates_write_replaces_only_the_chosen_rates_block(tmp_path: Path, capsys
         (out / f"r{i}.json").write_text(json.dumps(_record("math_lora", lr, 0, (0.2, 0.2), val)))
     config = tmp_path / "seeds.yaml"
     config.write_text("# head\nname: x\n# ---- chosen rates: old ----\nleaderboard_methods: math_soft\n")
-    lb.main(["rates", "--results", str(out), "--write", str(config)])
+    grid = ["--grid-config", str(_grid(tmp_path, "1.0e-4,3.0e-4"))]
+    lb.main(["rates", "--results", str(out), "--write", str(config), *grid])
     assert config.read_text().startswith("# head\nname: x\n# ---- chosen rates: written by")
     assert config.read_text().endswith(
         "leaderboard_methods: math_lora\nleaderboard_rates:\n  math_lora: 0.0003\n"
     )
     (tmp_path / "plain.yaml").write_text("name: x\n")
     with pytest.raises(SystemExit) as exc:
-        lb.main(["rates", "--results", str(out), "--write", str(tmp_path / "plain.yaml")])
+        lb.main(["rates", "--results", str(out), "--write", str(tmp_path / "plain.yaml"), *grid])
     assert exc.value.code == 2 and "has no '# ---- chosen rates:' block" in capsys.readouterr().err
     assert (tmp_path / "plain.yaml").read_text() == "name: x\n"
 
@@ -206,7 +215,8 @@ def test_rates_write_replaces_only_the_chosen_rates_block(tmp_path: Path, capsys
 def test_the_committed_phase_2_rates_are_the_ones_the_committed_records_choose() -> None:
     repo = Path(__file__).resolve().parents[2]
     config = (repo / "configs" / "sweep" / "leaderboard_seeds.yaml").read_text()
-    rates = lb.chosen_rates(lb.load_records(repo / "docs" / "leaderboard" / "results"))
+    grid = lb.read_grid(repo / "configs" / "sweep" / "leaderboard.yaml")
+    rates = lb.chosen_rates(lb.load_records(repo / "docs" / "leaderboard" / "results"), grid)
     assert config.endswith(lb.rates_block(rates)), (
         "run: python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml"
     )
@@ -220,3 +230,52 @@ def test_phase_2_before_any_search_stops_with_one_line_naming_the_fix() -> None:
         "sweep=leaderboard_seeds has no chosen rates yet; run sweep=leaderboard first, collect its jobs, "
         "then python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml"
     )
+
+
+def test_rates_the_grid_no_longer_holds_are_shown_but_never_chosen(tmp_path: Path) -> None:
+    grid = lb.read_grid(_grid(tmp_path, "3.0e-4,1.0e-3,3.0e-3"))
+    assert grid == [3e-4, 1e-3, 3e-3]
+    records = [
+        _record("math_soft", "0.0001", 0, (0.1, 0.1), 0.10),  # lowest loss, but the grid dropped 1e-4
+        _record("math_soft", "0.0003", 0, (0.2, 0.2), 0.50),
+        _record("math_soft", "0.001", 0, (0.3, 0.3), 0.40),
+        _record("math_soft", "0.003", 0, (0.4, 0.4), 0.45),
+        _record("math_molora", "0.0001", 0, (0.1, 0.1), 0.60),  # no job at a grid rate yet
+        _record("math_lora", "0.0001", 0, (0.1, 0.1), 0.30),
+        _record("math_lora", "0.0003", 0, (0.1, 0.1), 0.35),  # 1 of 3 grid rates: not replicated yet
+    ]
+    entries = {e.experiment: e for e in lb.choose(records, grid)}
+    soft = entries["math_soft"]
+    assert soft.lr == "0.001" and soft.lr_note == "lowest validation loss, seed 0"  # interior: no edge note
+    assert soft.val_by_lr["0.0001"] == (pytest.approx(0.10), 1)  # still reported
+    molora = entries["math_molora"]
+    assert (molora.lr, molora.lr_note, molora.runs) == (None, "no job at a grid rate yet", [])
+    assert entries["math_lora"].lr == "0.0003"
+    assert entries["math_lora"].lr_note == "only rate run (no search)"
+    assert lb.chosen_rates(records, grid) == {"math_soft": 0.001}
+    assert lb.chosen_rates(records) == {
+        "math_soft": 0.0001
+    }  # without a grid, every rate any method ran counts
+    page = lb.build_page(records, grid=grid)
+    assert "Rates the grid no longer holds (shown, never chosen): 0.0001." in page
+    assert "| MoLoRA (`math_molora`) | – (no job at a grid rate yet) | 0 | **–** |" in page
+    assert "| MoLoRA | **0.6000 (1)** | – | – | – |" not in page and "| MoLoRA | 0.6000 (1) |" in page
+    assert "the grid rates are chosen from: 0.0003, 0.001, 0.003" in page
+
+
+def test_the_grid_comes_from_the_sweep_configs_and_a_wrong_one_stops_with_one_line(
+    tmp_path: Path, capsys
+) -> None:
+    repo = Path(__file__).resolve().parents[2]
+    assert lb.read_grid(repo / "configs" / "sweep" / "leaderboard.yaml") == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert lb.read_grid(repo / "configs" / "sweep" / "leaderboard_gpu.yaml") == [1e-4, 3e-4, 1e-3, 3e-3]
+    (tmp_path / "records").mkdir()
+    for config, message in (
+        (tmp_path / "missing.yaml", "not found: run from the repository root or pass --grid-config"),
+        (tmp_path / "grid.yaml", "has no learning-rate grid"),
+    ):
+        (tmp_path / "grid.yaml").write_text("name: x\n")
+        with pytest.raises(SystemExit) as exc:
+            lb.main(["rates", "--results", str(tmp_path / "records"), "--grid-config", str(config)])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1

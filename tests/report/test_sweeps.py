@@ -246,13 +246,14 @@ def test_phase_2_jobs_take_the_chosen_rate_into_phase_1_folder_names(tmp_path: P
     from test_bad_inputs import invoke
 
     from moa_train.cli.main import train_main
-    from moa_train.report import leaderboard as lb
 
-    rates = lb.chosen_rates(lb.load_records(Path(__file__).resolve().parents[2] / "docs/leaderboard/results"))
-    method, rate = sorted(rates.items())[0]
+    # the block as `leaderboard rates --write` writes it once a search has finished (the committed block
+    # may still be empty): the override only fills it, the sweep reads the rate from it
+    method, rate = "math_mola", 0.003
+    block = [f"leaderboard_methods={method}", f"++leaderboard_rates.{method}={rate}"]
     sweep = tmp_path / "sweep"
     code, output = invoke(train_main, ["sweep=leaderboard_seeds", "model=tiny_random", "dry_run=true",
-                                       f"experiment={method}", f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
+                                       *block, f"hydra.sweep.dir={sweep}"], tmp_path)  # fmt: skip
     assert code == 0, output[-3000:]
     assert sorted(p.name for p in _jobs(sweep)) == [
         f"experiment={method},optimizer.lr={rate},seed={s}" for s in (1, 2)

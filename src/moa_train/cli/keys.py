@@ -34,6 +34,7 @@ FREE_FORM = (
     "moa.lora_rank_pattern",  # site -> rank
     "eval.gen_kwargs",  # lm-eval generation arguments
     "eval.data",  # name -> a data config (configs/eval/bigbench.yaml)
+    "leaderboard_rates",  # experiment preset -> chosen learning rate (configs/sweep/leaderboard_seeds.yaml)
 )
 _PACKAGE = re.compile(r"^#\s*@package\s+(\S+)", re.MULTILINE)
 

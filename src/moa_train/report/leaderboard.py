@@ -14,6 +14,10 @@ Two steps, so that a leaderboard can grow over several sessions:
     the rate each method's search chose, as the block that ends ``configs/sweep/leaderboard_seeds.yaml``
     (the second phase: more seeds at the chosen rates); ``--write`` replaces that block in CONFIG.
 
+``page`` and ``rates`` choose among the learning rates of the sweep config's grid (``--grid-config``,
+default ``configs/sweep/leaderboard.yaml``, its ``hydra.sweeper.params`` ``optimizer.lr``): records at
+rates the grid no longer holds are shown on the page but never chosen.
+
 Statistics (per method): the learning rate is the one with the lowest mean validation loss over the
 seeds that ran every rate of the grid (the search seeds: seed 0 when the other seeds run only at the
 chosen rate; the same grid for every method; the held-out items are never used to choose it); at that rate,
@@ -43,6 +47,7 @@ from moa_train.train.loggers import read_metrics
 
 RESULTS = Path("docs/leaderboard/results")
 PAGE = Path("docs/leaderboard.md")
+GRID_CONFIG = Path("configs/sweep/leaderboard.yaml")
 SWEEP_KEYS = ("experiment", "optimizer.lr", "seed")
 BUDGET_KEYS = {  # config path -> shown as
     "model.name": "model",
@@ -214,17 +219,44 @@ class Entry:
         return [r["accuracy"][task] for r in self.runs if task in r["accuracy"]]
 
 
-def choose(records: list[dict[str, Any]]) -> list[Entry]:
-    """Per method: the learning rate with the lowest mean validation loss over its search seeds (those
-    that ran every rate the method ran), and the completed runs at that rate over all seeds."""
+def read_grid(config: Path) -> list[float]:
+    """The learning rates of a leaderboard sweep config (``hydra.sweeper.params`` ``optimizer.lr``)."""
+    if not config.is_file():
+        raise ReportError(
+            f"{config} not found: run from the repository root or pass --grid-config <the leaderboard sweep config>"
+        )
+    try:
+        raw = OmegaConf.load(config).hydra.sweeper.params["optimizer.lr"]
+        return sorted({float(v) for v in str(raw).split(",")})
+    except Exception:  # noqa: BLE001  (any shape other than "a,b,c" is the same user error)
+        raise ReportError(
+            f"{config} has no learning-rate grid (hydra.sweeper.params optimizer.lr: a,b,c); pass the config whose "
+            "hydra.sweeper.params sets optimizer.lr, e.g. configs/sweep/leaderboard.yaml"
+        ) from None
+
+
+def _in(lr: str, grid: set[float]) -> bool:
+    try:
+        return float(lr) in grid
+    except ValueError:
+        return False
+
+
+def choose(records: list[dict[str, Any]], grid: list[float] | None = None) -> list[Entry]:
+    """Per method: the rate of ``grid`` (default: every rate any method ran) with the lowest mean
+    validation loss over its search seeds (those that ran every grid rate the method ran), and the
+    completed runs at that rate over all seeds. Rates outside the grid are reported, never chosen."""
     by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
     for r in records:
         if r.get("job") == "base_model" or r.get("status") != "completed":
             continue
         by_method.setdefault(str(r["experiment"]), {}).setdefault(str(r["lr"]), []).append(r)
-    grid = {lr for by_lr in by_method.values() for lr in by_lr}  # every rate any method ran
+    if grid is None:
+        grid = sorted({float(lr) for by_lr in by_method.values() for lr in by_lr})
+    in_grid = set(grid)
     entries = []
-    for experiment, by_lr in by_method.items():
+    for experiment, all_by_lr in by_method.items():
+        by_lr = {lr: runs for lr, runs in all_by_lr.items() if _in(lr, in_grid)}
         # per rate, the seeds with a validation loss; a rate without any cannot compete
         seeds_by_lr = {
             lr: {str(r["seed"]) for r in runs if r.get("val_loss") is not None} for lr, runs in by_lr.items()
@@ -232,12 +264,14 @@ def choose(records: list[dict[str, Any]]) -> list[Entry]:
         scored = {lr: seeds for lr, seeds in seeds_by_lr.items() if seeds}
         search = set.intersection(*scored.values()) if scored else set()  # the search seeds
         val = {}
-        for lr, runs in by_lr.items():
+        for lr, runs in all_by_lr.items():  # outside the grid too (every seed there): shown, never chosen
             losses = [
-                r["val_loss"] for r in runs if str(r["seed"]) in search and r.get("val_loss") is not None
+                r["val_loss"]
+                for r in runs
+                if (str(r["seed"]) in search or lr not in by_lr) and r.get("val_loss") is not None
             ]
             val[lr] = (statistics.fmean(losses) if losses else None, len(losses))
-        chosen = {lr: v for lr, (v, _) in val.items() if v is not None}
+        chosen = {lr: v for lr, (v, _) in val.items() if v is not None and lr in by_lr}
         if chosen and len(by_lr) > 1:
             lr = min(chosen, key=lambda k: chosen[k])
             seeds = ", ".join(sorted(search, key=_seed_order))
@@ -246,29 +280,41 @@ def choose(records: list[dict[str, Any]]) -> list[Entry]:
                 note += f"; {len(by_lr)} of {len(grid)} rates run"
             if len(scored) < len(by_lr):
                 note += f"; {len(by_lr) - len(scored)} rate(s) without a validation loss"
-            if lr in (min(grid, key=float), max(grid, key=float)):  # the best may lie beyond the grid
+            if float(lr) in (grid[0], grid[-1]):  # the best may lie beyond the grid
                 note += "; at the edge of the grid"
         elif chosen:
             lr, note = next(iter(chosen)), "only rate run (no search)"
-        else:
+        elif by_lr:
             lr = max(by_lr, key=lambda k: len(by_lr[k]))
             note = "no validation loss recorded: rate not chosen on validation"
+        else:  # only rates the grid no longer holds: shown in the rate table, nothing to rank yet
+            entries.append(Entry(experiment, None, "no job at a grid rate yet", val, []))
+            continue
         entries.append(Entry(experiment, lr, note, val, by_lr[lr]))
     entries.sort(key=lambda e: -(statistics.fmean(e.scores) if e.scores else -1.0))
     return entries
 
 
-def chosen_rates(records: list[dict[str, Any]]) -> dict[str, float]:
+def chosen_rates(records: list[dict[str, Any]], grid: list[float] | None = None) -> dict[str, float]:
     """method -> its chosen rate, for the methods whose search ran every rate of the grid."""
-    grid = {str(r["lr"]) for r in records if r.get("job") != "base_model" and r.get("status") == "completed"}
-    return {
-        e.experiment: float(e.lr)
-        for e in choose(records)
-        if e.lr is not None
-        and e.lr_note.startswith("lowest validation loss")
-        and set(e.val_by_lr) == grid
-        and all(v is not None for v, _ in e.val_by_lr.values())
-    }
+    if grid is None:
+        grid = sorted(
+            {
+                float(r["lr"])
+                for r in records
+                if r.get("job") != "base_model" and r.get("status") == "completed"
+            }
+        )
+    rates = {}
+    for e in choose(records, grid):
+        val = {float(lr): v for lr, (v, _) in e.val_by_lr.items() if _in(lr, set(grid))}
+        if (
+            e.lr_note.startswith("lowest validation loss")
+            and set(val) == set(grid)
+            and None not in val.values()
+        ):
+            rates[e.experiment] = float(e.lr)
+    return rates
 
 
 RATES_MARKER = "# ---- chosen rates:"
@@ -329,8 +375,8 @@ def _pct(values: list[float]) -> str:
     return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
-def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
-    entries = choose(records)
+def build_page(records: list[dict[str, Any]], intro: str = "", grid: list[float] | None = None) -> str:
+    entries = choose(records, grid)
     base = next((r for r in records if r.get("job") == "base_model"), None)
     tasks = sorted({t for r in records for t in (r.get("accuracy") or {})})
     runs = [r for r in records if r.get("job") != "base_model"]
@@ -343,7 +389,9 @@ def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
     lines.append(f"**What ran:** {len(done)} completed jobs, {len(runs) - len(done)} failed; "
                  f"{len(entries)} methods; learning rates tried: "
                  f"{', '.join(sorted({str(r['lr']) for r in done}, key=float)) or 'none'}; seeds: "
-                 f"{', '.join(sorted({str(r['seed']) for r in done})) or 'none'}.")  # fmt: skip
+                 f"{', '.join(sorted({str(r['seed']) for r in done})) or 'none'}"
+                 + (f"; the grid rates are chosen from: {', '.join(f'{g:g}' for g in grid)}" if grid else "")
+                 + ".")  # fmt: skip
     for b in budgets:
         lines.append(
             "**Budget:** "
@@ -381,7 +429,7 @@ def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
         ]
         cells = [
             f"{e.name} (`{e.experiment}`)",
-            f"{e.lr} ({e.lr_note})",
+            f"{e.lr or '–'} ({e.lr_note})",
             str(len(e.scores)),
             f"**{_pct(e.scores)}**",
             f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "–",
@@ -406,6 +454,8 @@ def build_page(records: list[dict[str, Any]], intro: str = "") -> str:
             text = "–" if not n else (f"{v:.4f} ({n})" if v is not None else f"n/a ({n})")
             cells.append(f"**{text}**" if lr == e.lr else text)
         lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
+    if grid is not None and (outside := [lr for lr in lrs if not _in(lr, set(grid))]):
+        lines += ["", f"Rates the grid no longer holds (shown, never chosen): {', '.join(outside)}."]
     failed = [r for r in runs if r.get("status") != "completed"]
     lines += ["", f"### Failed jobs ({len(failed)})", ""]
     lines += [
@@ -449,6 +499,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--intro", type=Path, default=None, help=intro_help)
     r = sub.add_parser("rates", help="the rate each method's search chose (for sweep=leaderboard_seeds)")
     r.add_argument("--results", type=Path, default=RESULTS, help=f"records folder (default {RESULTS})")
+    for command in (p, r):
+        grid_help = (
+            f"the sweep config whose optimizer.lr grid the rates are chosen from (default {GRID_CONFIG})"
+        )
+        command.add_argument("--grid-config", type=Path, default=GRID_CONFIG, help=grid_help)
     r.add_argument("--write", type=Path, default=None, help="replace the chosen-rates block of this config")
     args = parser.parse_args(argv)
     try:
@@ -457,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{len(written)} records written to {args.into}")
             return
         if args.command == "rates":
-            rates = chosen_rates(load_records(args.results))
+            rates = chosen_rates(load_records(args.results), read_grid(args.grid_config))
             if args.write is None:
                 print(rates_block(rates), end="")
             else:
@@ -465,8 +520,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"written: {args.write} ({len(rates)} methods)")
             return
         intro = args.intro.read_text(encoding="utf-8") if args.intro else _own_intro(args.out)
+        page = build_page(load_records(args.results), intro, read_grid(args.grid_config))
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(args.out, build_page(load_records(args.results), intro))
+        write_atomic(args.out, page)
         print(f"written: {args.out}")
     except ReportError as exc:
         print(f"error: {exc}", file=sys.stderr)
