@@ -37,7 +37,9 @@ DEFAULT = [
 ]
 
 
-def run(overrides: list[str], packing: bool) -> dict:
+def run(overrides: list[str], packing: bool | None) -> dict:
+    """Train with ``overrides`` in a temporary folder (no logger, no final eval) and return the summary;
+    ``packing`` sets data.packing (None: as the overrides leave it)."""
     from hydra import compose, initialize_config_module
     from hydra.core.global_hydra import GlobalHydra
 
@@ -50,7 +52,7 @@ def run(overrides: list[str], packing: bool) -> dict:
             "train",
             overrides=[
                 *overrides,
-                f"data.packing={str(packing).lower()}",
+                *([] if packing is None else [f"data.packing={str(packing).lower()}"]),
                 "logger=none",
                 "final_eval.enabled=false",
             ],

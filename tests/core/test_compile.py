@@ -18,6 +18,7 @@ from core_helpers import randomize_adapters
 from moa_train import MoAConfig, MoAModel
 from moa_train.core.compile import DYNAMO_SETTINGS, compile_decoding, compile_model
 from moa_train.errors import MoATrainError
+from moa_train.train.steps import target_positions, token_cross_entropy
 from tiny_models import tiny_model
 
 AUX = dict(load_balance_coef=0.1, z_loss_coef=0.01, entropy_coef=0.01)  # every aux loss on
@@ -70,11 +71,23 @@ def batch() -> dict[str, torch.Tensor]:
     mask = torch.ones_like(ids)
     mask[1, :4] = 0
     labels = ids.masked_fill(torch.arange(16) < 6, -100)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "use_cache": False}
+    # the positions whose next token is a target: found outside the compiled forward, as training does
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "positions": target_positions(labels)}
 
 
 def loss_of(model: MoAModel, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-    return model(**inputs).loss + model.aux_loss()
+    """The training loss (train/steps.py): the LM head on the target positions only, the mean token
+    cross-entropy, plus the aux losses."""
+    labels, positions = inputs["labels"], inputs["positions"]
+    out = model(
+        input_ids=inputs["input_ids"],
+        attention_mask=inputs["attention_mask"],
+        use_cache=False,
+        logits_to_keep=positions,
+    )
+    return (
+        token_cross_entropy(out.logits, labels, positions) / (labels[:, 1:] != -100).sum() + model.aux_loss()
+    )
 
 
 @pytest.mark.parametrize(("name", "checkpointing"), matrix(FAST_EXPLAIN))
@@ -128,6 +141,23 @@ def assert_compiled_equals_eager(name: str, checkpointing: bool, backend: str) -
 @pytest.mark.parametrize(("name", "checkpointing"), matrix(FAST_EQUAL))
 def test_compiled_loss_and_gradients_equal_eager(name: str, checkpointing: bool) -> None:
     assert_compiled_equals_eager(name, checkpointing, "aot_eager")
+
+
+def test_a_new_number_of_target_positions_runs_the_compiled_forward_without_a_graph_break() -> None:
+    """Micro-batches differ in how many positions have a target: torch marks that length dynamic after
+    its first change (one recompile), and every length gives the eager loss."""
+    model = build("soft_swiglu", False)
+    inputs = batch()
+    cases = []
+    for first in (6, 10, 3, 12):  # answers starting at different places: 10, 6, 13, 4 target positions
+        labels = inputs["input_ids"].masked_fill(torch.arange(16) < first, -100)
+        cases.append({**inputs, "labels": labels, "positions": target_positions(labels)})
+    eager = [loss_of(model, case).detach() for case in cases]
+    torch._dynamo.reset()
+    compile_model(model, backend="aot_eager")  # fullgraph=True: a break would raise
+    for case, expected in zip(cases, eager, strict=True):
+        torch.testing.assert_close(loss_of(model, case).detach(), expected, rtol=1e-5, atol=1e-6)
+    assert len({len(c["positions"]) for c in cases}) == 4
 
 
 @pytest.mark.slow

@@ -4,12 +4,19 @@ all-reduce only on the last one), gradient clipping and the optimizer and schedu
 The loss of a step is the sum of token cross-entropies over the whole global batch divided by its
 number of target tokens (counted on the host beforehand), so gradient accumulation and data
 parallelism give the same gradient as one big batch. Nothing is read back from the device here.
+
+Only the positions whose next token is a target (in any row of the micro-batch) go through the output
+layer (transformers' ``logits_to_keep``): with the prompt masked, that skips most of the LM head's
+matmul and the [batch, length, vocab] logits, which dominate the memory of large-vocabulary models.
+The loss is the same sum over the same target tokens (tests/train/test_loss_positions.py).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
+import inspect
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,14 +47,41 @@ class Session:
     trainable: list[torch.Tensor] = field(default_factory=list)
 
 
-def token_cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy summed over labelled tokens (labels -100 ignored), in fp32."""
+def token_cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, positions: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Next-token cross-entropy summed over labelled tokens (labels -100 ignored), in fp32. ``logits``
+    holds every position, or only ``positions`` (those of :func:`target_positions`) when given."""
+    targets = labels[:, 1:]  # position p predicts token p + 1
+    if positions is None:
+        logits = logits[:, :-1]
+    else:
+        targets = targets[:, positions]
     return F.cross_entropy(
-        logits[:, :-1].float().reshape(-1, logits.shape[-1]),
-        labels[:, 1:].reshape(-1),
-        ignore_index=-100,
-        reduction="sum",
+        logits.float().reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100, reduction="sum"
     )
+
+
+def target_positions(labels: torch.Tensor) -> torch.Tensor:
+    """The positions whose next token is a target in any row: the only logits the loss reads (at least
+    one, so that a micro-batch without targets still runs its forward and contributes a zero loss)."""
+    keep = (labels[:, 1:] != -100).any(0).nonzero().squeeze(1)
+    return keep if keep.numel() else keep.new_zeros(1)
+
+
+@functools.cache
+def _takes_logits_to_keep(forward: Any) -> bool:
+    return "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def loss_logits_kwargs(model: Any, labels: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor | None]:
+    """(forward keyword arguments, positions for :func:`token_cross_entropy`): the target positions
+    only, where the base model's forward takes ``logits_to_keep`` (else every position)."""
+    base = getattr(model, "base_model", model)
+    if not _takes_logits_to_keep(type(base).forward):
+        return {}, None
+    positions = target_positions(labels)
+    return {"logits_to_keep": positions}, positions
 
 
 def optimizer_step(s: Session, step_batch: StepBatch, meter: Any, need_norm: bool) -> torch.Tensor | None:
@@ -59,14 +93,16 @@ def optimizer_step(s: Session, step_batch: StepBatch, meter: Any, need_norm: boo
         # DDP all-reduces gradients only on the last micro-batch of the step
         with contextlib.nullcontext() if last else s.accelerator.no_sync(s.ddp_model):
             batch = {key: t.to(s.accelerator.device) for key, t in micro.items()}
+            keep, positions = loss_logits_kwargs(model, batch["labels"])  # the LM head on targets only
             with s.autocast:
                 out = s.ddp_model(
                     input_ids=batch["input_ids"],
                     **s.plan.forward_masks(batch),  # packed rows: segments and per-example positions
                     task_types=batch.get("task_types"),  # LoRAMoE LBC (when the data has them)
                     use_cache=False,  # no KV cache in training (under checkpointing: a graph break)
+                    **keep,
                 )
-            ce = token_cross_entropy(out.logits, batch["labels"])  # summed over tokens, fp32
+            ce = token_cross_entropy(out.logits, batch["labels"], positions)  # summed over tokens, fp32
             aux = model.aux_loss()  # coefficient-weighted router losses of this forward
             # sum over micro-batches (+ DDP mean over ranks) of this = mean CE over the global batch
             loss = ce * (s.world / step_batch.target_tokens) + aux / len(micro_batches)

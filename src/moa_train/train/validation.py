@@ -33,13 +33,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from moa_train.data import TrainCollator, encode_dataset, epoch_order, load_records
 from moa_train.data.packing import check_flags
 from moa_train.errors import MoATrainError
 from moa_train.eval import evaluate_records
 from moa_train.train.metrics import router_metrics
+from moa_train.train.steps import loss_logits_kwargs, token_cross_entropy
 
 METRICS = ("val/loss", "val/accuracy")
 MODES = ("min", "max")
@@ -212,15 +212,14 @@ def validation_loss(
     with telemetry_apart(model), torch.no_grad():
         for start in range(0, len(examples), micro_batch):
             batch = {k: t.to(device) for k, t in collate(examples[start : start + micro_batch]).items()}
+            keep, positions = loss_logits_kwargs(model, batch["labels"])  # the LM head on targets only
             with autocast:
                 out = model(
                     input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
                     instance_mask=(batch["labels"] == -100) & batch["attention_mask"].bool(), use_cache=False,
+                    **keep,
                 )  # fmt: skip
-            logits, labels = out.logits[:, :-1].float(), batch["labels"][:, 1:]  # next-token targets
-            total += F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), labels.reshape(-1), reduction="sum"
-            )
+            total += token_cross_entropy(out.logits, batch["labels"], positions)
             targets += int((batch["labels"][:, 1:] != -100).sum())
         stats = model.router_stats()
     model.train(was_training)
