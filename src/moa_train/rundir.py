@@ -143,6 +143,9 @@ class RunBusy(MoATrainError):
 
 # flock failing with these means the file system has no locks (some Lustre or old NFS mounts)
 _NO_LOCKS = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+# hold() retries at least this long: a report probing the lock (holder()) holds it for an instant, and a
+# job starting at that instant must not take the run for one in use
+PROBE_GRACE_S = 2.0
 
 
 @contextlib.contextmanager
@@ -159,7 +162,7 @@ def hold(run_dir: Path, *, wait_s: float = 0.0) -> Iterator[None]:
     path = Path(run_dir) / LOCK_NAME
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)  # not inherited by launched workers (PEP 446)
     try:
-        deadline = time.monotonic() + wait_s
+        deadline = time.monotonic() + max(wait_s, PROBE_GRACE_S)
         while True:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -171,7 +174,7 @@ def hold(run_dir: Path, *, wait_s: float = 0.0) -> Iterator[None]:
                         f"{run_dir} is in use by another process ({holder}); wait for it to end or stop "
                         "it, then run the same command again"
                     ) from None
-                time.sleep(1.0)
+                time.sleep(min(1.0, PROBE_GRACE_S / 10))
             except OSError as exc:
                 if exc.errno not in _NO_LOCKS:
                     raise
@@ -187,6 +190,26 @@ def hold(run_dir: Path, *, wait_s: float = 0.0) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def holder(run_dir: Path) -> str | None:
+    """Who holds ``run_dir``'s lock ("pid N on host since T"), or None when no live process does (the
+    run ended, was killed, or never took it). Read-only: never creates the lock file; a shared lock
+    taken and dropped at once, which :func:`hold` rides out (``PROBE_GRACE_S``)."""
+    try:
+        fd = os.open(Path(run_dir) / LOCK_NAME, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    except BlockingIOError:
+        return os.pread(fd, 200, 0).decode("utf-8", "replace").strip() or "unknown process"
+    except OSError:  # a file system without locks: nothing can be told
+        return None
+    finally:
+        os.close(fd)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -100,7 +100,7 @@ def test_report_groups_seeds_and_lists_failed_jobs(sweep: Path) -> None:
     assert "| math_soft | 2/2 | 100 | 75.0 ± 35.4 | 25.0 ± 35.4 | 50.0 ± 35.4 | 60 | 320 |" in md
     assert "| math_lora | 1/2 | 200 | 0.0 | 100.0 | 50.0 | 90 | n/a |" in md
     assert "| math_molora | 0/1 | n/a | n/a | n/a | n/a | n/a | n/a |" in md
-    failed = md.split("## Failed or incomplete jobs (2)")[1].split("## Jobs")[0]
+    failed = md.split("## Failed, running or incomplete jobs (2)")[1].split("## Jobs")[0]
     assert "| 3 |" in failed and "CUDA out of memory" in failed
     assert "| 4 |" in failed and "no summary.json" in failed
     assert "Base model (adapters off)" in md and "10.0 %" in md

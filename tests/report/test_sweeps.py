@@ -118,7 +118,10 @@ def test_a_failed_job_is_reported_and_the_others_finish(tmp_path: Path) -> None:
     report = run_cli("moa-report", str(sweep), "--no-plot", cwd=tmp_path, timeout=LONG)
     assert report.returncode == 0, report.stderr
     failed = (
-        (sweep / "report.md").read_text().split("## Failed or incomplete jobs (1)")[1].split("## Jobs")[0]
+        (sweep / "report.md")
+        .read_text()
+        .split("## Failed, running or incomplete jobs (1)")[1]
+        .split("## Jobs")[0]
     )
     assert "trainer.max_steps=-3 is invalid" in failed
 

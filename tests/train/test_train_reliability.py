@@ -4,6 +4,7 @@ resume as people type it, the heat-map at the end, the bounded W&B start."""
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import shutil
@@ -21,6 +22,7 @@ from conftest import OFFLINE_ENV, console_script, run_cli
 from moa_train import rundir
 from moa_train.cli.main import eval_main, train_main
 from moa_train.errors import EXIT_PREEMPTED
+from moa_train.report.jobs import read_job
 from moa_train.train import checkpoint
 
 ARGS = [
@@ -143,8 +145,10 @@ def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> N
          "with rundir.hold(sys.argv[1]):\n    print('held', flush=True)\n    time.sleep(600)", str(tmp_path)],
         stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
+    assert rundir.holder(tmp_path / "nothing") is None and not (tmp_path / "nothing").exists()
     try:
         assert holder.stdout.readline().strip() == "held"
+        assert rundir.holder(tmp_path).startswith(f"pid {holder.pid} on ")  # what moa-report calls running
         with pytest.raises(rundir.RunBusy, match=f"pid {holder.pid} on "), rundir.hold(tmp_path):
             pass
         with pytest.raises(rundir.RunBusy), rundir.hold(tmp_path, wait_s=1.5):  # waits, then gives up
@@ -152,8 +156,21 @@ def test_the_run_lock_is_released_when_its_holder_is_killed(tmp_path: Path) -> N
     finally:
         holder.kill()  # kill -9: no clean-up code runs, the kernel drops the lock
         holder.wait(timeout=60)
+    assert rundir.holder(tmp_path) is None
     with rundir.hold(tmp_path):  # free again, and the file still names the holder
         assert (tmp_path / rundir.LOCK_NAME).read_text().startswith(f"pid {os.getpid()} on ")
+
+
+def test_a_report_probing_the_lock_never_makes_a_starting_job_give_up(tmp_path: Path) -> None:
+    """holder() takes a shared lock for an instant; a job starting in that instant waits it out."""
+    import fcntl
+    import threading
+
+    probe = os.open(tmp_path / rundir.LOCK_NAME, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(probe, fcntl.LOCK_SH)  # a probe caught mid-way (held far longer than a real one)
+    threading.Timer(0.5, os.close, (probe,)).start()
+    with rundir.hold(tmp_path):  # not RunBusy
+        assert rundir.holder(tmp_path) is not None  # this process holds it now
 
 
 def test_a_sweep_started_again_skips_the_job_another_process_is_training(tmp_path: Path) -> None:
@@ -180,6 +197,11 @@ def test_a_sweep_started_again_skips_the_job_another_process_is_training(tmp_pat
         assert "is in use by another process" in output and "skipped here" in output
         assert snapshot(job) == before
         assert not (job / "error.txt").exists()
+        # the sweep table and moa-report tell the job in training from one stopped without a summary
+        (row,) = csv.DictReader((sweep / "summary.csv").read_text().splitlines())
+        assert row["status"] == "running"
+        assert read_job(job, sweep).status == "running" and "in progress (pid" in read_job(job, sweep).reason
+    assert read_job(job, sweep).status == "incomplete"
     code, output = invoke(train_main, args, tmp_path)  # the first invocation ended: now it resumes
     assert code == 0, output[-2000:]
     assert (job / "final").is_dir() and "resuming from" in output

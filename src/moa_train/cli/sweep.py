@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 from moa_train.cli.sweep_jobs import ERROR_NAME
 from moa_train.files import write_atomic
 from moa_train.report.methods import mean_std
-from moa_train.rundir import SUMMARY_NAME
+from moa_train.rundir import SUMMARY_NAME, holder
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +76,12 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         elif (job / ERROR_NAME).is_file():  # the job's own one-line reason (cli/sweep_jobs.py)
             row["status"] = "failed"
             row["error"] = _first_line(job / ERROR_NAME)
-        else:  # no summary yet: still training (a parallel launcher's job), or stopped without one
+        elif holder(job):  # no summary yet, and a live process holds the job's lock
+            row["status"] = "running"
+        else:  # no summary yet and nobody training it: stopped without one (killed, lost node)
             row["status"] = "incomplete"
+        if row["status"] == "preempted" and holder(job):  # resumed: training again
+            row["status"] = "running"
         rows.append(row)
     return rows
 

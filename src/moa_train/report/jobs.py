@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from moa_train.report.sweeps import submitit_logs  # a job killed under submitit: its launcher's logs
-from moa_train.rundir import SUMMARY_NAME
+from moa_train.rundir import SUMMARY_NAME, holder
 
 SUMMARY = SUMMARY_NAME  # the run folder's summary, named by rundir
 PREDICTIONS = "final_eval_predictions.jsonl"
@@ -211,6 +211,9 @@ def read_job(
         status = str(summary.get("status", "completed"))
     else:
         status = "incomplete"
+    running = holder(job_dir) if status in ("incomplete", "preempted") else None
+    if running:  # a live process holds the job's lock: training, or resumed after a preemption
+        status = "running"
     job = Job(
         path=job_dir,
         name=str(job_dir.relative_to(root)) if job_dir != root else job_dir.name,
@@ -220,7 +223,11 @@ def read_job(
         summary=summary,
     )
     if status != "completed":
-        job.reason = _failure_reason(job_dir, summary) if status != "dry_run" else "dry run (no training)"
+        job.reason = (
+            f"in progress ({running})"
+            if running
+            else (_failure_reason(job_dir, summary) if status != "dry_run" else "dry run (no training)")
+        )
         return job
     evaluated = _eval_results(job_dir, eval_name)
     if evaluated is not None:

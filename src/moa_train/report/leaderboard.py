@@ -85,7 +85,9 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
     written = []
     for job_dir in job_dirs:
         job = read_job(job_dir, sweep_dir, None, task_map)
-        if job.status in ("incomplete", "preempted") and not (job_dir / "error.txt").is_file():
+        if job.status == "running" or (
+            job.status in ("incomplete", "preempted") and not (job_dir / "error.txt").is_file()
+        ):
             stale = into / (_safe(job.name) + ".json")
             stale.unlink(missing_ok=True)  # a record from before a rerun is not this job's result
             continue  # still running, stopped to resume later, or killed without a word: no result yet

@@ -86,7 +86,7 @@ class Report:
         for study in self.studies:
             text += ["", *study.markdown()]
         bad = [j for j in self.jobs if not j.ok]
-        text += ["", f"## Failed or incomplete jobs ({len(bad)})", ""]
+        text += ["", f"## Failed, running or incomplete jobs ({len(bad)})", ""]
         if bad:
             text += ["| job | overrides | status | reason |", "|---|---|---|---|"]
             for j in bad:
