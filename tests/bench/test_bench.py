@@ -118,6 +118,7 @@ def test_compute_ratios_and_targets_on_known_numbers() -> None:
     assert targets["soft_compiled_step_vs_peft"]["met"] is None  # no compiled runs: not judged
 
 
+@pytest.mark.slow  # compiles every variant (~25 s on 2 cores); test_compile.py pins the graphs
 def test_compiled_variants_are_timed_with_their_compile_time(tmp_path) -> None:
     """--compile's variants in the same interleaved rounds (aot_eager here: no C++ build in the test)."""
     out = tmp_path / "bench.json"

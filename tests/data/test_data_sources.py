@@ -259,7 +259,10 @@ def test_bigbench_source_without_a_copy_says_which_key_to_set(tmp_path) -> None:
 # -- end to end: the CLI with an empty cache ---------------------------------------------------------------
 
 
-@pytest.mark.parametrize("data", ["arith_mix", "commonsense_mix"])
+@pytest.mark.parametrize(
+    "data",
+    ["arith_mix", pytest.param("commonsense_mix", marks=pytest.mark.slow)],  # the same path, ~30 s each
+)
 def test_tiny_run_trains_on_default_data_with_an_empty_cache(tmp_path, data) -> None:
     """`moa-train experiment=tiny data=<default data>` needs no download: only the tokenizer is cached."""
     cache = tmp_path / "cache"
