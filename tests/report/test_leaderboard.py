@@ -279,3 +279,26 @@ def test_the_grid_comes_from_the_sweep_configs_and_a_wrong_one_stops_with_one_li
             lb.main(["rates", "--results", str(tmp_path / "records"), "--grid-config", str(config)])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and err.startswith("error: ") and message in err and err.count("\n") == 1
+
+
+def test_a_fresh_clone_would_skip_every_committed_job() -> None:
+    """skip_recorded matches a record to its job by the budget: every committed record's budget is the
+    one its job composes to now (a changed budget in the sweep config makes the records stale)."""
+    from conftest import compose_config
+
+    repo = Path(__file__).resolve().parents[2]
+    records = [
+        r for r in lb.load_records(repo / "docs" / "leaderboard" / "results") if r.get("job") != "base_model"
+    ]
+    by_method = {str(r["experiment"]): r for r in records if r.get("status") == "completed"}
+    assert by_method, "no committed record"
+    for record in by_method.values():
+        cfg = compose_config(
+            ["sweep=leaderboard", "model=smollm2_135m", "data=arith_mix", "logger=none",
+             f"experiment={record['experiment']}", f"optimizer.lr={record['lr']}", f"seed={record['seed']}"],
+            hydra=True,
+        )  # fmt: skip
+        assert str(cfg.skip_recorded) == "docs/leaderboard/results"
+        assert lb.recorded(repo / "docs" / "leaderboard" / "results", record["job"], cfg) == record, record[
+            "job"
+        ]

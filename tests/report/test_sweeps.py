@@ -261,3 +261,58 @@ def test_phase_2_jobs_take_the_chosen_rate_into_phase_1_folder_names(tmp_path: P
     assert sorted(p.name for p in _jobs(sweep)) == [
         f"experiment={method},optimizer.lr={rate},seed={s}" for s in (1, 2)
     ]
+
+
+def test_a_fresh_clone_continues_a_committed_leaderboard_without_retraining(tmp_path: Path) -> None:
+    """skip_recorded=<records>: a sweep job whose completed record is committed is not trained again
+    (the sweep folder is gone, as on a fresh clone); the table says "recorded"; another budget trains."""
+    from test_bad_inputs import invoke
+
+    from moa_train.cli.main import train_main
+    from moa_train.report import leaderboard as lb
+    from moa_train.report.jobs import read_job
+
+    sweep, records = tmp_path / "sweep", tmp_path / "records"
+    args = ["-m", *ARGS, "seed=0,1", f"hydra.sweep.dir={sweep}"]
+    code, output = invoke(train_main, args, tmp_path)
+    assert code == 0, output[-2000:]
+    lb.collect(sweep, records)
+    assert sorted(p.name for p in records.glob("*.json")) == ["0.json", "1.json"]
+    shutil.rmtree(sweep)  # a fresh clone: the committed records, no run folders
+    (records / "1.json").write_text((records / "1.json").read_text().replace('"completed"', '"failed"'))
+    code, output = invoke(train_main, [*args, f"skip_recorded={records}"], tmp_path)
+    assert code == 0, output[-2000:]
+    job0, job1 = _jobs(sweep)
+    assert not (job0 / "config.yaml").exists() and not (job0 / "final").exists()  # not trained
+    assert (job1 / "final").is_dir()  # its record says failed: trained again
+    rows = {r["job"]: r for r in csv.DictReader((sweep / "summary.csv").read_text().splitlines())}
+    assert rows["0"]["status"] == "recorded" and rows["1"]["status"] == "completed"
+    assert read_job(job0, sweep).status == "recorded" and "not trained again" in read_job(job0, sweep).reason
+    before = (records / "0.json").read_text()
+    lb.collect(sweep, records)
+    assert (records / "0.json").read_text() == before  # the record of a skipped job stays as it was
+    # another budget: the record does not stand for this job, which trains
+    shutil.rmtree(sweep)
+    longer = [
+        "-m",
+        *[a.replace("max_steps=2", "max_steps=3") for a in ARGS],
+        "seed=0",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    code, output = invoke(train_main, [*longer, f"skip_recorded={records}"], tmp_path)
+    assert code == 0, output[-2000:]
+    assert (_jobs(sweep)[0] / "final").is_dir()
+
+
+def test_the_chosen_rates_block_and_skip_recorded_do_not_make_a_job_folder_foreign() -> None:
+    from moa_train.cli.sweep_jobs import _changed_keys
+
+    saved = "optimizer: {lr: 0.003}\nleaderboard_methods: math_lora\nleaderboard_rates: {math_lora: 0.003}\n"
+    grown = (
+        "optimizer: {lr: 0.003}\nleaderboard_methods: math_lora,math_soft\n"
+        "leaderboard_rates: {math_lora: 0.003, math_soft: 0.001}\nskip_recorded: docs/leaderboard/results\n"
+    )
+    assert _changed_keys(saved, grown) == []
+    assert _changed_keys(saved, grown.replace("lr: 0.003}", "lr: 0.01}", 1)) == [
+        ("optimizer.lr", 0.003, 0.01)
+    ]

@@ -101,6 +101,8 @@ def _run(cfg: DictConfig) -> dict[str, Any]:
             rundir.write_summary(run_dir, summary)
         return summary
 
+    if multirun and (recorded := sweep_jobs.recorded_job(cfg, hc, run_dir)) is not None:
+        return recorded  # skip_recorded: its committed record stands for it
     if int(cfg.launcher.get("machine_rank") or 0) > 0:  # a further machine: global rank 0 writes the run dir
         explicit = any(o.lstrip("+").startswith("hydra.run.dir=") for o in hc.overrides.hydra)
         return join_run(cfg, run_dir, explicit or bool(cfg.get("resume")))

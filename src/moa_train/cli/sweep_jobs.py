@@ -44,6 +44,10 @@ from moa_train.files import write_atomic
 log = logging.getLogger(__name__)
 
 ERROR_NAME = "error.txt"  # a failed job's reason, one line (moa-report and summary.csv show it)
+# Top-level keys that say how a job is started or picked, not what it trains: a job folder continues
+# when only these differ (the leaderboard's chosen-rates block grows while its phase 2 runs; the rate a
+# job trains with is its optimizer.lr, which is compared).
+NOT_THE_JOB = ("resume", "skip_recorded", "leaderboard_methods", "leaderboard_rates")
 OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
 
 
@@ -101,6 +105,38 @@ def existing_run(cfg: DictConfig, run_dir: Path, config_text: str) -> dict[str, 
         log.info("%s: no complete checkpoint, starting the job again", run_dir)
     (run_dir / ERROR_NAME).unlink(missing_ok=True)
     return None
+
+
+def recorded_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path) -> dict[str, Any] | None:
+    """``skip_recorded=<records folder>``: a job whose completed record is there (written by
+    ``python -m moa_train.report.leaderboard collect``, for the same budget) is not trained again, so a
+    fresh clone continues a committed leaderboard instead of rerunning it. Returns what the job returns
+    to the sweeper (the record's objective), or None: train the job. A folder without a run of its own
+    gets a ``summary.json`` saying so, which the sweep table and moa-report show as "recorded"."""
+    folder = cfg.get("skip_recorded")
+    if not folder:
+        return None
+    from moa_train.report.leaderboard import RECORDED, record_path, recorded  # deferred: only sweeps that ask
+
+    folder = Path(str(folder))
+    if not folder.is_absolute():
+        folder = Path(hydra_cfg.runtime.cwd) / folder
+    name = (
+        str(run_dir.relative_to(hydra_cfg.sweep.dir))
+        if run_dir.is_relative_to(hydra_cfg.sweep.dir)
+        else run_dir.name
+    )
+    record = recorded(folder, name, cfg)
+    if record is None:
+        return None
+    where = record_path(folder, name)
+    log.info("%s: recorded in %s, not trained again (skip_recorded=null trains it)", run_dir, where)
+    summary = {"status": RECORDED, "reason": f"recorded in {where}, not trained again"}
+    if record.get("objective") and record.get("val_loss") is not None:
+        summary[str(record["objective"])] = record["val_loss"]
+    if not (run_dir / rundir.CONFIG_NAME).exists():  # never over a run of this folder's own
+        rundir.write_summary(run_dir, summary)
+    return summary
 
 
 def busy_job(cfg: DictConfig, hydra_cfg: Any, exc: rundir.RunBusy) -> dict[str, Any]:
@@ -184,7 +220,7 @@ def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
     for key in sorted(before.keys() | now.keys()):
         old, new = before.get(key), now.get(key)
         if (
-            key == "resume"
+            key.split(".")[0] in NOT_THE_JOB
             or old == new
             or (key not in before and new in off)
             or (key not in now and old in off)

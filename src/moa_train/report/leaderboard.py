@@ -85,10 +85,12 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
     written = []
     for job_dir in job_dirs:
         job = read_job(job_dir, sweep_dir, None, task_map)
+        if job.status == RECORDED:
+            continue  # skipped by the sweep because its record is here already: that record stays
         if job.status == "running" or (
             job.status in ("incomplete", "preempted") and not (job_dir / "error.txt").is_file()
         ):
-            stale = into / (_safe(job.name) + ".json")
+            stale = record_path(into, job.name)
             stale.unlink(missing_ok=True)  # a record from before a rerun is not this job's result
             continue  # still running, stopped to resume later, or killed without a word: no result yet
         values = {o.split("=", 1)[0].lstrip("+~"): o.split("=", 1)[1] for o in job.overrides if "=" in o}
@@ -106,10 +108,10 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
             "accuracy": job.datasets,
             "eval_records": job.n_eval,
             "summary": {k: job.summary[k] for k in SUMMARY_KEYS if k in job.summary},
-            "budget": {name: _select(config, key) for key, name in BUDGET_KEYS.items()},
+            "budget": budget_of(config),
             "overrides": job.overrides,
         }
-        path = into / (_safe(job.name) + ".json")
+        path = record_path(into, job.name)
         write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         written.append(path)
     base = base if base is not None else sweep_dir / "base_model"
@@ -125,6 +127,26 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
         write_atomic(path, json.dumps(record, indent=1, sort_keys=True) + "\n")
         written.append(path)
     return written
+
+
+def budget_of(config: Any) -> dict[str, Any]:
+    """The budget a record keeps (model, data, steps, batch, precision, eval records) of a job's config."""
+    return {name: _select(config, key) for key, name in BUDGET_KEYS.items()}
+
+
+RECORDED = "recorded"  # the summary status of a sweep job skipped because its record exists
+
+
+def recorded(records: Path, job_name: str, config: Any) -> dict[str, Any] | None:
+    """The completed record of the sweep job ``job_name`` in ``records`` when it was trained on the
+    budget of ``config`` (the job's config now); None otherwise (no record, a failed one, another budget)."""
+    try:
+        record = json.loads(record_path(records, job_name).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("status") != "completed":
+        return None
+    return record if record.get("budget") == budget_of(config) else None
 
 
 def _last_logged(job_dir: Path, key: str) -> float | None:
@@ -161,6 +183,11 @@ def _select(config: Any, key: str) -> Any:
 def _number(value: Any) -> float | None:
     ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
     return float(value) if ok else None
+
+
+def record_path(records: Path, job_name: str) -> Path:
+    """Where ``collect`` writes the record of the sweep job ``job_name`` (its folder under the sweep)."""
+    return records / (_safe(job_name) + ".json")
 
 
 def _safe(name: str) -> str:
