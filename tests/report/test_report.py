@@ -196,3 +196,15 @@ def test_mixed_dataset_splits_into_tasks_and_base_model_row(tmp_path: Path) -> N
     assert "| base model (no adapters) | – | 0 | 100.0 | 0.0 | 50.0 |" in md
     assert "| math_soft | 2/2 | 100 | 100.0 ± 0.0 | 50.0 ± 70.7 | 75.0 ± 35.4 |" in md
     assert write_report(report, tmp_path / "out")["png"].is_file()
+
+
+def test_a_preempted_job_names_its_checkpoint_and_how_to_resume(tmp_path: Path) -> None:
+    from moa_train.report.jobs import read_job
+
+    job = tmp_path / "sweep" / "0"
+    (job / ".hydra").mkdir(parents=True)
+    (job / ".hydra" / "overrides.yaml").write_text("- seed=0\n")
+    message = f"stopped by SIGTERM after step 3; checkpoint {job}/checkpoints/step-3"
+    (job / "summary.json").write_text(json.dumps({"status": "preempted", "step": 3, "stop_message": message}))
+    found = read_job(job, tmp_path / "sweep")
+    assert (found.status, found.reason) == ("preempted", f"{message}; run the same sweep again to resume it")

@@ -74,6 +74,8 @@ def _seed_of(overrides: list[str], job_dir: Path) -> str | None:
 
 def _failure_reason(job_dir: Path, summary: dict[str, Any]) -> str:
     """The most useful line that explains why a job has no results."""
+    if summary.get("status") == "preempted" and summary.get("stop_message"):
+        return f"{summary['stop_message']}; run the same sweep again to resume it"
     for key in ("error", "message", "reason"):
         if summary.get(key):
             return " ".join(str(summary[key]).split())[:300]
