@@ -302,6 +302,10 @@ def test_a_fresh_clone_continues_a_committed_leaderboard_without_retraining(tmp_
     code, output = invoke(train_main, [*longer, f"skip_recorded={records}"], tmp_path)
     assert code == 0, output[-2000:]
     assert (_jobs(sweep)[0] / "final").is_dir()
+    # a folder that does not exist (a misspelling, or a board's first run): said, and every job trains
+    shutil.rmtree(sweep)
+    code, output = invoke(train_main, [*longer, f"skip_recorded={tmp_path / 'recrods'}"], tmp_path)
+    assert code == 0 and "recrods is not a folder: this job is trained" in output, output[-2000:]
 
 
 def test_the_chosen_rates_block_and_skip_recorded_do_not_make_a_job_folder_foreign() -> None:

@@ -121,6 +121,9 @@ def recorded_job(cfg: DictConfig, hydra_cfg: Any, run_dir: Path) -> dict[str, An
     folder = Path(str(folder))
     if not folder.is_absolute():
         folder = Path(hydra_cfg.runtime.cwd) / folder
+    if not folder.is_dir():  # no record yet (a board's first run) or a misspelt folder: say which
+        log.warning("skip_recorded=%s is not a folder: this job is trained (no record to skip it by)", folder)
+        return None
     name = (
         str(run_dir.relative_to(hydra_cfg.sweep.dir))
         if run_dir.is_relative_to(hydra_cfg.sweep.dir)
