@@ -291,6 +291,19 @@ def test_a_fresh_clone_continues_a_committed_leaderboard_without_retraining(tmp_
     before = (records / "0.json").read_text()
     lb.collect(sweep, records)
     assert (records / "0.json").read_text() == before  # the record of a skipped job stays as it was
+
+
+@pytest.mark.slow  # three more tiny sweeps
+def test_a_record_of_another_budget_or_a_missing_records_folder_trains_the_job(tmp_path: Path) -> None:
+    from test_bad_inputs import invoke
+
+    from moa_train.cli.main import train_main
+    from moa_train.report import leaderboard as lb
+
+    sweep, records = tmp_path / "sweep", tmp_path / "records"
+    code, output = invoke(train_main, ["-m", *ARGS, "seed=0", f"hydra.sweep.dir={sweep}"], tmp_path)
+    assert code == 0, output[-2000:]
+    lb.collect(sweep, records)
     # another budget: the record does not stand for this job, which trains
     shutil.rmtree(sweep)
     longer = [
