@@ -76,11 +76,9 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
         elif (job / ERROR_NAME).is_file():  # the job's own one-line reason (cli/sweep_jobs.py)
             row["status"] = "failed"
             row["error"] = _first_line(job / ERROR_NAME)
-        elif holder(job):  # no summary yet, and a live process holds the job's lock
-            row["status"] = "running"
-        else:  # no summary yet and nobody training it: stopped without one (killed, lost node)
+        else:  # no summary yet: still training, or stopped without one (killed, lost node)
             row["status"] = "incomplete"
-        if row["status"] == "preempted" and holder(job):  # resumed: training again
+        if row["status"] in ("incomplete", "preempted") and holder(job):  # a live process trains it
             row["status"] = "running"
         rows.append(row)
     return rows
