@@ -28,7 +28,7 @@ demo: setup
 	$(BIN)/moa-train
 
 test: setup
-	$(BIN)/python -m pytest -m "not slow" -q
+	$(BIN)/python -m pytest -m "not slow" -q --durations=15  # the 15 slowest tests, to keep the run under ~10 minutes
 
 test-slow: setup
 	$(BIN)/python -m pytest -m "slow" -q

@@ -81,7 +81,7 @@ def test_dry_run_prints_trainable_parameters_by_type(tmp_path: Path) -> None:
 
 
 def test_configs_resolve_from_a_wheel(tmp_path: Path) -> None:
-    """The wheel ships configs/ as moa_train.configs (checked by importing from the unpacked wheel)."""
+    """The wheel ships configs/ as moa_train.configs and the packaged data (checked from the unpacked wheel)."""
     subprocess.run(
         [
             sys.executable,
@@ -102,6 +102,8 @@ def test_configs_resolve_from_a_wheel(tmp_path: Path) -> None:
     zipfile.ZipFile(wheel).extractall(site)
     assert (site / "moa_train" / "configs" / "train.yaml").is_file()
     assert (site / "moa_train" / "configs" / "router" / "sparse.yaml").is_file()
+    packaged = site / "moa_train" / "data" / "commonsense_mix"  # data=commonsense_mix needs no download
+    assert {"commonsense_mix.jsonl.xz", "DATA_LICENSE", "README.md"} <= {p.name for p in packaged.iterdir()}
     code = (
         "import sys, moa_train; assert moa_train.__file__.startswith(sys.argv[1]), moa_train.__file__; "
         "sys.argv = ['moa-train', '--cfg', 'job', 'experiment=tiny']; "

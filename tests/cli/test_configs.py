@@ -41,6 +41,13 @@ def test_every_config_group_is_a_listed_package() -> None:
         p.name for p in (REPO_ROOT / "configs").iterdir() if p.is_dir() and not p.name.startswith("__")
     }
     assert {f"moa_train.configs.{g}" for g in folders} <= listed
+    src = REPO_ROOT / "src"
+    code_and_data = {  # every folder of the package, code or data-only (setuptools drops unlisted ones)
+        ".".join(p.relative_to(src).parts)
+        for p in (src / "moa_train").rglob("*")
+        if p.is_dir() and "__pycache__" not in p.parts
+    }
+    assert code_and_data <= listed, sorted(code_and_data - listed)
 
 
 @pytest.mark.parametrize("group", GROUPS)
