@@ -122,8 +122,17 @@ def _overrides(command: str) -> tuple[str, list[str]]:
 
 
 def _sweep_first(overrides: list[str]) -> list[str]:
-    """A sweep's first job: a,b,c -> a (lists in [...] stay whole)."""
-    return [o if "[" in o else o.split(",")[0] for o in overrides]
+    """A sweep's first job: a,b,c -> a; choice(a, b) -> a; [tag(log, ] interval(a, b) -> a (lists in [...]
+    stay whole)."""
+    first = []
+    for o in overrides:
+        key, eq, value = o.partition("=")
+        search = re.search(r"(?:choice|interval|range)\(\s*([^,)]+)", value)
+        if eq and search:
+            first.append(f"{key}={search.group(1).strip()}")
+        else:
+            first.append(o if "[" in o else o.split(",")[0])
+    return first
 
 
 def _composes(command: str) -> None:

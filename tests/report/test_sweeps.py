@@ -95,10 +95,7 @@ def test_optuna_without_an_objective_is_refused_before_training(tmp_path: Path) 
                    f"hydra.sweep.dir={sweep}", cwd=tmp_path, timeout=LONG)  # fmt: skip
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: hydra/sweeper=optuna needs objective=")
-    assert [j.name for j in _jobs(sweep)] == ["0"]  # the first trial stopped the study
-    assert (
-        not (sweep / "0" / "config.yaml").exists() and "objective" in (sweep / "0" / "error.txt").read_text()
-    )
+    assert not sweep.exists()  # refused before the study started: no trial, no folder
 
 
 @pytest.mark.slow  # worker processes each import torch: ~30 s on an idle 2-core machine

@@ -72,7 +72,6 @@ def run(cfg: DictConfig) -> Any:
     if hc.mode != RunMode.MULTIRUN:
         return _run(cfg)
     try:
-        sweep_jobs.check_sweep(cfg, hc)
         return sweep_jobs.objective_value(cfg, _run(cfg))
     except rundir.RunBusy as exc:
         return sweep_jobs.busy_job(cfg, hc, exc)

@@ -126,7 +126,24 @@ def nearest_key(path: str, root: str) -> str | None:
 
 
 def _message(path: str, root: str) -> str:
+    params = "hydra.sweeper.params."
+    if path.startswith(params):  # Hydra cannot set a dotted parameter name through key=value
+        key = path[len(params) :]
+        return (
+            f"'{path}' cannot be set with key=value: give the search space of {key} as a sweep override, "
+            f"e.g. {key}='tag(log, interval(1e-4, 1e-2))' or {key}='choice(4, 8, 16)'"
+        )
     nearest = nearest_key(path, root)
+    if (
+        nearest == path
+    ):  # a key of another option of its group (hydra.sweeper.n_trials under the basic sweeper)
+        group = "/".join(path.split(".")[:2]) if path.startswith("hydra.") else path.split(".")[0]
+        if not path.startswith("hydra.") and group not in _groups(root)[0]:  # valid, merely unset here
+            return f"'{path}' is not set in this config; add it with +{path}=<value>"
+        return (
+            f"'{path}' is not a key of the {group} option chosen here: another option of {group} has it; "
+            f"choose that one first ({group}=<option>), or drop the key"
+        )
     hint = f"did you mean {nearest}?" if nearest else f"`moa-{root} --cfg job` lists every key"
     keys = valid_keys(root)
     free = [p for p in FREE_FORM if p in keys]

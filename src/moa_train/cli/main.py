@@ -30,6 +30,7 @@ from omegaconf.errors import OmegaConfBaseException
 import moa_train.cli.help  # noqa: F401  (registers the resolver of the --help templates)
 from moa_train import rundir
 from moa_train.cli.keys import check_keys, unknown_override
+from moa_train.cli.sweep_checks import LaunchRefused
 from moa_train.errors import MoATrainError, one_line, report
 
 USER_ERRORS = (MoATrainError, HydraException, OmegaConfBaseException)
@@ -173,6 +174,8 @@ def _guarded(entry: Callable[[], Any], root: str) -> None:
         entry()
     except SystemExit:
         raise
+    except LaunchRefused as refused:  # a sweep's launcher or sweeper settings, before it started
+        report(refused.error, USER_ERRORS, full=full)
     except (Exception, KeyboardInterrupt) as exc:
         rundir.remove_unused_planned()
         # key=value for a key the config lacks: name the nearest valid key, not Hydra's "use +key"

@@ -4,7 +4,7 @@
 ``objective=<key>`` (``sweep=lr_search`` sets ``val/loss``) a job returns that key of its
 ``summary.json`` as a float, which is what ``hydra/sweeper=optuna`` minimises; with ``objective=null``
 it returns the whole summary, as a single run does. An Optuna sweep without an objective is refused
-when its first job starts, before it trains (:func:`check_sweep`).
+before any job starts (``moa_train.cli.sweep_checks``).
 
 **Re-entering a job folder.** A sweep job's folder is fixed by the sweep (``hydra.sweep.dir`` and
 ``hydra.sweep.subdir``), so it may already hold a run: the same sweep started again with the same
@@ -38,6 +38,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 from moa_train import rundir
+from moa_train.cli.sweep_checks import OPTUNA_SWEEPER
 from moa_train.errors import MoATrainError, Preempted, one_line
 from moa_train.files import write_atomic
 
@@ -48,7 +49,6 @@ ERROR_NAME = "error.txt"  # a failed job's reason, one line (moa-report and summ
 # when only these differ (the leaderboard's chosen-rates block grows while its phase 2 runs; the rate a
 # job trains with is its optimizer.lr, which is compared).
 NOT_THE_JOB = ("resume", "skip_recorded", "leaderboard_methods", "leaderboard_rates")
-OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
 
 
 class ForeignRun(MoATrainError):
@@ -181,17 +181,6 @@ def requeue_if_submitit(exc: Preempted) -> None:
         return
     log.warning("%s; asking submitit to requeue the job", exc)
     signal.raise_signal(sig)  # submitit requeues and exits here
-
-
-def check_sweep(cfg: DictConfig, hydra_cfg: Any) -> None:
-    """Refuse a job that its sweeper cannot use, before it trains (Hydra ignores errors raised by
-    callbacks, so the check runs at the start of each job: the first one stops an Optuna sweep)."""
-    target = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
-    if target.startswith(OPTUNA_SWEEPER) and not cfg.get("objective"):
-        raise MoATrainError(
-            "hydra/sweeper=optuna needs objective=<a summary.json key to minimise or maximise>, "
-            "e.g. objective=val/loss (or use sweep=lr_search, which sets it)"
-        )
 
 
 def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:

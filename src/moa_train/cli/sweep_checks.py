@@ -1,0 +1,153 @@
+"""Check a sweep's launcher and sweeper settings before anything is launched or written.
+
+Hydra's plugins check their own settings late and in their own words: ``hydra.launcher.n_jobs=0``
+fails inside joblib after the sweep folder exists ("n_jobs == 0 in Parallel has no meaning"), a
+negative ``timeout_min`` makes every submitit job die without output, ``hydra/launcher=slurm`` off a
+cluster says "Could not detect srun", a mistyped Optuna ``storage`` says "Can't load plugin:
+sqlalchemy.dialects:foo". :class:`LaunchCheck` (a Hydra callback, configs/hydra/default.yaml) runs
+when the multirun starts, before the sweeper or launcher is created, and refuses such a sweep with one
+line that names the key and the fix.
+
+Hydra turns errors raised by callbacks into warnings, so the refusal travels as :class:`LaunchRefused`,
+a ``BaseException`` that Hydra lets through; the console script reports the error it carries
+(``moa_train.cli.main``) with exit status 2.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+from moa_train.errors import MoATrainError
+
+OPTUNA_SWEEPER = "hydra_plugins.hydra_optuna_sweeper"
+JOBLIB_LAUNCHER = "hydra_plugins.hydra_joblib_launcher"
+SUBMITIT_LAUNCHER = "hydra_plugins.hydra_submitit_launcher"
+
+# submitit keys: (smallest value, may be null). hydra/launcher=slurm documents each (configs/hydra/launcher).
+_SUBMITIT_MINIMUM = {
+    "timeout_min": (1, False),
+    "nodes": (1, False),
+    "tasks_per_node": (1, False),
+    "gpus_per_node": (0, True),
+    "cpus_per_task": (1, True),
+    "mem_gb": (1, True),
+    "signal_delay_s": (0, True),
+    "max_num_timeout": (0, True),
+    "array_parallelism": (1, True),
+}
+
+
+class LaunchRefused(BaseException):
+    """Carries the :class:`MoATrainError` of a refused sweep past Hydra's callback error handling."""
+
+    def __init__(self, error: MoATrainError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
+class LaunchCheck(Callback):
+    """Refuses a multirun whose launcher or sweeper settings cannot work, before it starts."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        try:
+            check_launch(config)
+        except MoATrainError as exc:
+            raise LaunchRefused(exc) from None
+
+
+def check_launch(config: DictConfig) -> None:
+    """Raise one :class:`MoATrainError` for the first launcher or sweeper setting that cannot work."""
+    hydra_cfg = config.hydra
+    sweeper = str(OmegaConf.select(hydra_cfg, "sweeper._target_", default="") or "")
+    launcher = str(OmegaConf.select(hydra_cfg, "launcher._target_", default="") or "")
+    if sweeper.startswith(OPTUNA_SWEEPER):
+        _check_optuna(config, hydra_cfg.sweeper)
+    if launcher.startswith(JOBLIB_LAUNCHER):
+        _check_joblib(hydra_cfg.launcher)
+    elif launcher.startswith(SUBMITIT_LAUNCHER):
+        _check_submitit(hydra_cfg.launcher, slurm=launcher.endswith("SlurmLauncher"))
+
+
+def _int(node: DictConfig, key: str, prefix: str) -> Any:
+    value = node.get(key)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        raise MoATrainError(f"{prefix}.{key}={value!r} is invalid: expected an integer")
+    return value
+
+
+def _check_optuna(config: DictConfig, sweeper: DictConfig) -> None:
+    prefix = "hydra.sweeper"
+    if not config.get("objective"):
+        raise MoATrainError(
+            "hydra/sweeper=optuna needs objective=<a summary.json key to minimise or maximise>, "
+            "e.g. objective=val/loss (or use sweep=lr_search, which sets it)"
+        )
+    direction = sweeper.get("direction")
+    name = str(getattr(direction, "name", direction))  # the plugin's Direction enum or a string
+    if name not in ("minimize", "maximize"):
+        raise MoATrainError(
+            f"{prefix}.direction={name!r} is invalid: moa-train's objective is one number, so the direction "
+            "is minimize (lower is better, e.g. val/loss) or maximize (e.g. tuned_accuracy)"
+        )
+    for key in ("n_trials", "n_jobs"):
+        value = _int(sweeper, key, prefix)
+        if value is not None and value < 1:
+            raise MoATrainError(f"{prefix}.{key}={value} is invalid: expected an integer >= 1")
+    storage = sweeper.get("storage")
+    if storage is not None:
+        _check_storage(str(storage))
+
+
+def _check_storage(storage: str) -> None:
+    # deferred: sqlalchemy comes with optuna, installed with the sweeper plugin
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    fix = "use sqlite:///<file>.db (a file that keeps the study) or null (in memory, this call only)"
+    try:
+        url = make_url(storage)
+        url.get_dialect()
+    except (ArgumentError, NoSuchModuleError, ValueError):
+        raise MoATrainError(f"hydra.sweeper.storage={storage!r} is not a database URL; {fix}") from None
+    except ImportError as exc:  # a known database whose driver is not installed (e.g. postgresql)
+        raise MoATrainError(
+            f"hydra.sweeper.storage={storage!r} needs a driver that is not installed ({exc}); "
+            f"install it, or {fix}"
+        ) from None
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        folder = Path(url.database).parent
+        if not folder.is_dir():
+            raise MoATrainError(
+                f"hydra.sweeper.storage={storage!r}: the folder {folder} does not exist; create it "
+                f"(mkdir -p {folder}) or point the URL at an existing folder"
+            )
+
+
+def _check_joblib(launcher: DictConfig) -> None:
+    value = _int(launcher, "n_jobs", "hydra.launcher")
+    if value == 0:
+        raise MoATrainError(
+            "hydra.launcher.n_jobs=0 is invalid: the number of jobs run at once is >= 1 (or -1 for one per core)"
+        )
+
+
+def _check_submitit(launcher: DictConfig, slurm: bool) -> None:
+    for key, (minimum, nullable) in _SUBMITIT_MINIMUM.items():
+        if key not in launcher:
+            continue
+        value = _int(launcher, key, "hydra.launcher")
+        if value is None and not nullable:
+            raise MoATrainError(f"hydra.launcher.{key} must be set: expected an integer >= {minimum}")
+        if value is not None and value < minimum:
+            raise MoATrainError(f"hydra.launcher.{key}={value} is invalid: expected an integer >= {minimum}")
+    if slurm and shutil.which("sbatch") is None:
+        raise MoATrainError(
+            "hydra/launcher=slurm (submitit_slurm) submits SLURM jobs, and sbatch is not on PATH here: run "
+            "the command on the cluster's login node, or run the same sweep on this machine with "
+            "hydra/launcher=submitit_local or hydra/launcher=joblib"
+        )

@@ -1,0 +1,87 @@
+"""A sweep's launcher and sweeper settings are checked before anything is launched or written."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from tests.conftest import TINY, run_cli
+
+from moa_train.cli import sweep_checks
+from moa_train.cli.keys import unknown_override
+from moa_train.errors import MoATrainError
+
+BAD = [
+    (["sweep=lr_search", "hydra.sweeper.direction=sideways"], "hydra.sweeper.direction='sideways' is invalid"),
+    (["sweep=lr_search", "hydra.sweeper.n_trials=0"], "hydra.sweeper.n_trials=0 is invalid"),
+    (["sweep=lr_search", "hydra.sweeper.n_jobs=-2"], "hydra.sweeper.n_jobs=-2 is invalid"),
+    (["sweep=lr_search", "hydra.sweeper.storage=foo://bar"], "hydra.sweeper.storage='foo://bar' is not a database URL"),
+    (["sweep=lr_search", "hydra.sweeper.storage=nonsense"], "is not a database URL"),
+    (["sweep=lr_search", "hydra.sweeper.storage=sqlite:///no/such/dir/s.db"], "the folder no/such/dir does not exist"),
+    (["hydra/sweeper=optuna"], "hydra/sweeper=optuna needs objective="),
+    (["hydra/launcher=joblib", "hydra.launcher.n_jobs=0"], "hydra.launcher.n_jobs=0 is invalid"),
+    (["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=-5"], "hydra.launcher.timeout_min=-5 is invalid"),
+    (["hydra/launcher=submitit_local", "hydra.launcher.nodes=0"], "hydra.launcher.nodes=0 is invalid"),
+    (["hydra/launcher=slurm", "hydra.launcher.array_parallelism=0"], "hydra.launcher.array_parallelism=0 is invalid"),
+    (["hydra/launcher=slurm", "hydra.launcher.cpus_per_task=0"], "hydra.launcher.cpus_per_task=0 is invalid"),
+    (["hydra/launcher=slurm", "hydra.launcher.signal_delay_s=-1"], "hydra.launcher.signal_delay_s=-1 is invalid"),
+]  # fmt: skip
+
+GOOD = [
+    ["sweep=lr_search"],
+    ["sweep=lr_search", "hydra.sweeper.direction=maximize", "objective=tuned_accuracy"],
+    ["sweep=lr_search", "hydra.sweeper.storage=sqlite:///study.db"],  # a file in the current folder
+    ["hydra/launcher=joblib", "hydra.launcher.n_jobs=-1"],
+    ["hydra/launcher=submitit_local"],
+    ["hydra/launcher=slurm", "hydra.launcher.partition=gpu"],
+    ["sweep=leaderboard", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2"],
+    ["sweep=leaderboard_gpu", "hydra/launcher=slurm"],
+]
+
+
+@pytest.fixture
+def sbatch(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A SLURM login node: sbatch on PATH."""
+    monkeypatch.setattr(sweep_checks.shutil, "which", lambda name: f"/usr/bin/{name}")
+
+
+@pytest.mark.parametrize(("overrides", "expected"), BAD)
+def test_bad_launcher_and_sweeper_settings_are_one_line(compose, sbatch, overrides, expected) -> None:
+    cfg = compose([*TINY, *overrides], hydra=True)
+    with pytest.raises(MoATrainError) as caught:
+        sweep_checks.check_launch(cfg)
+    assert expected in str(caught.value) and "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("overrides", GOOD)
+def test_working_settings_pass(compose, sbatch, overrides) -> None:
+    sweep_checks.check_launch(compose([*TINY, *overrides], hydra=True))
+
+
+def test_slurm_off_a_cluster_names_the_local_launchers(compose, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sweep_checks.shutil, "which", lambda name: None)
+    with pytest.raises(MoATrainError, match="sbatch is not on PATH.*hydra/launcher=submitit_local"):
+        sweep_checks.check_launch(compose([*TINY, "hydra/launcher=slurm"], hydra=True))
+
+
+def test_a_refused_sweep_exits_2_and_writes_nothing(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    done = run_cli("moa-train", "-m", *TINY, "trainer.max_steps=1,2", "hydra/launcher=joblib",
+                   "hydra.launcher.n_jobs=0", f"hydra.sweep.dir={sweep}", cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [
+        "error: hydra.launcher.n_jobs=0 is invalid: the number of jobs run at once is >= 1 (or -1 for one per core)"
+    ]
+    assert not sweep.exists() and not (tmp_path / "multirun").exists()
+
+
+def test_keys_of_an_unchosen_option_and_dotted_search_spaces_get_their_fix() -> None:
+    other = unknown_override("Could not override 'hydra.sweeper.n_trials'.", "train")
+    assert other is not None and "choose that one first (hydra/sweeper=<option>)" in str(other)
+    params = unknown_override("Could not override 'hydra.sweeper.params.optimizer.lr'.", "train")
+    assert params is not None and "optimizer.lr='tag(log, interval(1e-4, 1e-2))'" in str(params)
+    unset = unknown_override("Could not override 'moa.router.aux_pool'.", "train")  # a field no preset sets
+    assert (
+        str(unset)
+        == "'moa.router.aux_pool' is not set in this config; add it with +moa.router.aux_pool=<value>"
+    )
