@@ -43,6 +43,10 @@ STATE_NAME = "trainer_state.json"  # written last into a checkpoint folder: mark
 ADAPTER_CONFIG = "adapter_config.json"  # a saved adapter (a checkpoint or an exported/copied one)
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Files and folders that only a run writes: a folder holding any of them holds a run.
+# Top-level keys that say how a job is started or picked, not what it trains: a sweep job's folder
+# continues when only these differ (the leaderboard's chosen-rates block grows while its phase 2 runs;
+# the rate a job trains with is its optimizer.lr, which counts), and moa-report never splits a method by them.
+NOT_THE_JOB = ("resume", "skip_recorded", "leaderboard_methods", "leaderboard_rates")
 RUN_MARKERS = (CONFIG_NAME, "checkpoints", "final", SUMMARY_NAME, "metrics.jsonl", "train.log", ".hydra")
 
 # Folders Hydra may create for this invocation before the job validates: (run dir, first new ancestor).

@@ -208,3 +208,30 @@ def test_a_preempted_job_names_its_checkpoint_and_how_to_resume(tmp_path: Path) 
     (job / "summary.json").write_text(json.dumps({"status": "preempted", "step": 3, "stop_message": message}))
     found = read_job(job, tmp_path / "sweep")
     assert (found.status, found.reason) == ("preempted", f"{message}; run the same sweep again to resume it")
+
+
+def test_jobs_with_the_same_overrides_but_another_setting_are_not_averaged(tmp_path: Path) -> None:
+    """The leaderboard's phase 2 takes the rate from a preset block: same overrides, other rate."""
+    root = tmp_path / "sweep"
+    runs = [(1, 0.001, 0.2), (2, 0.001, 0.4), (1, 0.003, 0.6), (2, 0.003, 0.8)]
+    for num, (seed, lr, acc) in enumerate(runs):
+        job = make_job(root, num, ["experiment=math_lora", f"seed={seed}", "sweep=leaderboard_seeds"],
+                       summary=ok_summary(10, 50.0, tuned_accuracy=acc))  # fmt: skip
+        (job / "config.yaml").write_text(  # the run config: seeds and the chosen-rates block never split
+            f"seed: {seed}\ndata:\n  seed: {seed}\noptimizer:\n  lr: {lr}\n"
+            f"leaderboard_rates:\n  math_lora: {lr}\nresume: null\n"
+        )
+    report = build_report([root])
+    by_label = {m.label: (len(m.done), m.summary_value("tuned_accuracy")[0]) for m in report.methods}
+    assert by_label == {
+        "math_lora optimizer.lr=0.001": (2, pytest.approx(0.3)),
+        "math_lora optimizer.lr=0.003": (2, pytest.approx(0.7)),
+    }
+    from moa_train.cli.sweep import write_summary
+
+    write_summary(root)  # the sweep's own summary_by_method table splits the same way
+    rows = list(csv.DictReader((root / "summary_by_method.csv").open()))
+    assert {(r["method"], r["completed"], round(float(r["tuned_accuracy_mean"]), 6)) for r in rows} == {
+        ("experiment=math_lora sweep=leaderboard_seeds optimizer.lr=0.001", "2/2", 0.3),
+        ("experiment=math_lora sweep=leaderboard_seeds optimizer.lr=0.003", "2/2", 0.7),
+    }

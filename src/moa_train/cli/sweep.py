@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from moa_train.cli.sweep_jobs import ERROR_NAME
 from moa_train.files import write_atomic
-from moa_train.report.methods import mean_std
+from moa_train.report.methods import mean_std, split_by_settings
 from moa_train.rundir import SUMMARY_NAME, holder
 
 log = logging.getLogger(__name__)
@@ -84,14 +84,21 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def method_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Group job rows by their overrides without ``seed=``; mean / sample std over completed seeds."""
-    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+def method_rows(rows: list[dict[str, Any]], sweep_dir: Path | None = None) -> list[dict[str, Any]]:
+    """Group job rows by their overrides without ``seed=`` (and, given the sweep folder, by any setting of
+    the job's run config in which such jobs differ: moa_train.report.methods); mean / sample std over
+    completed seeds."""
+    keys, seeds = [], []
     for row in rows:
         parts = str(row["overrides"]).split()
-        seeds = [p.split("=", 1)[1] for p in parts if p.split("=", 1)[0] in SEED_KEYS]
-        key = " ".join(p for p in parts if p.split("=", 1)[0] not in SEED_KEYS)
-        groups.setdefault(key, []).append((seeds[0] if seeds else "", row))
+        found = [p.split("=", 1)[1] for p in parts if p.split("=", 1)[0] in SEED_KEYS]
+        seeds.append(found[0] if found else "")
+        keys.append(" ".join(p for p in parts if p.split("=", 1)[0] not in SEED_KEYS))
+    if sweep_dir is not None:
+        keys = split_by_settings([sweep_dir / str(row["job"]) for row in rows], keys)
+    groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+    for key, seed, row in zip(keys, seeds, rows):
+        groups.setdefault(key, []).append((seed, row))
     methods = []
     for key, members in groups.items():
         done = [r for _, r in members if r.get("status") in DONE]
@@ -116,7 +123,7 @@ def write_summary(sweep_dir: Path) -> Path | None:
     if not rows:
         return None
     _write_table(sweep_dir / "summary", rows, FIRST_COLUMNS)
-    _write_table(sweep_dir / "summary_by_method", method_rows(rows), METHOD_COLUMNS)
+    _write_table(sweep_dir / "summary_by_method", method_rows(rows, sweep_dir), METHOD_COLUMNS)
     return sweep_dir / "summary.md"
 
 

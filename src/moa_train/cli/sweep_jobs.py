@@ -45,10 +45,6 @@ from moa_train.files import write_atomic
 log = logging.getLogger(__name__)
 
 ERROR_NAME = "error.txt"  # a failed job's reason, one line (moa-report and summary.csv show it)
-# Top-level keys that say how a job is started or picked, not what it trains: a job folder continues
-# when only these differ (the leaderboard's chosen-rates block grows while its phase 2 runs; the rate a
-# job trains with is its optimizer.lr, which is compared).
-NOT_THE_JOB = ("resume", "skip_recorded", "leaderboard_methods", "leaderboard_rates")
 
 
 class ForeignRun(MoATrainError):
@@ -212,7 +208,7 @@ def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
     for key in sorted(before.keys() | now.keys()):
         old, new = before.get(key), now.get(key)
         if (
-            key.split(".")[0] in NOT_THE_JOB
+            key.split(".")[0] in rundir.NOT_THE_JOB
             or old == new
             or (key not in before and new in off)
             or (key not in now and old in off)

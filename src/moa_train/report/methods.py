@@ -1,13 +1,24 @@
-"""Grouping jobs into methods (their overrides without ``seed=``) with mean ± std over seeds."""
+"""Grouping jobs into methods (their overrides without ``seed=``) with mean ± std over seeds.
+
+Overrides alone can hide a difference: a preset may set a value per job (the leaderboard's phase 2 takes
+each method's rate from a block that grows between sittings, so two of its jobs with the same overrides
+may train at different rates). Jobs of one label whose run configs differ in a setting are therefore
+split by it, and the label names it (``... optimizer.lr=0.003``): seeds are averaged only over one
+configuration. Seeds themselves (``seed``, ``data.seed``) and the keys that only say how a job was
+started (:data:`moa_train.rundir.NOT_THE_JOB`) never split a method."""
 
 from __future__ import annotations
 
 import math
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from moa_train.report.jobs import MEMORY_KEY, SEED_KEYS, Job, _job_config_value, _override_key
+from moa_train.rundir import CONFIG_NAME, NOT_THE_JOB
 
 
 def method_labels(jobs: list[Job]) -> list[str]:
@@ -26,7 +37,55 @@ def method_labels(jobs: list[Job]) -> list[str]:
             or (experiment[0] if experiment else _job_config_value(job.path, "name"))
             or "(default)"
         )
+    for job, label in zip(jobs, split_by_settings([j.path for j in jobs], [j.method for j in jobs])):
+        job.method = label
     return common
+
+
+def split_by_settings(job_dirs: list[Path], labels: list[str]) -> list[str]:
+    """``labels`` (one per job folder) with `` key=value`` appended for every setting in which jobs of the
+    same label differ (see the module doc); jobs without a run config keep their label."""
+    out = list(labels)
+    groups: dict[str, list[int]] = {}
+    for i, label in enumerate(labels):
+        groups.setdefault(label, []).append(i)
+    for label, members in groups.items():
+        configs = [(i, flat) for i in members if (flat := _settings(job_dirs[i]))]
+        if len(configs) < 2:
+            continue
+        shared = set.intersection(
+            *(set(flat) for _, flat in configs)
+        )  # a key only newer runs have: not a split
+        differing = sorted(
+            k for k in shared if not _not_a_setting(k) and len({repr(flat[k]) for _, flat in configs}) > 1
+        )
+        for i, flat in configs:
+            out[i] = label + "".join(f" {k}={flat[k]}" for k in differing)
+    return out
+
+
+def _not_a_setting(key: str) -> bool:
+    return key.rpartition(".")[2] == "seed" or key.split(".")[0] in (*NOT_THE_JOB, "hydra")
+
+
+def _settings(job_dir: Path) -> dict[str, Any]:
+    """The job's resolved run config (``<job>/config.yaml``, written when it starts), flattened."""
+    path = job_dir / CONFIG_NAME
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return {}
+    flat: dict[str, Any] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for key, value in node.items():
+                walk(value, f"{prefix}{key}.")
+        elif prefix:
+            flat[prefix[:-1]] = node
+
+    walk(data, "")
+    return flat
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
