@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
+from omegaconf import open_dict
 from tests.conftest import TINY, run_cli
 
 from moa_train.cli import sweep_checks
@@ -56,6 +58,25 @@ def test_bad_launcher_and_sweeper_settings_are_one_line(compose, sbatch, overrid
 @pytest.mark.parametrize("overrides", GOOD)
 def test_working_settings_pass(compose, sbatch, overrides) -> None:
     sweep_checks.check_launch(compose([*TINY, *overrides], hydra=True))
+
+
+@pytest.mark.parametrize(
+    ("task", "bad"),
+    [
+        (["optimizer.lr=tag(log, interval(1e-4, 3e-3))", "moa.lora_rank=choice(4, 8)"], None),
+        (["optimizer.lr=tag(log, interval(0, 1e-2))"], "optimizer.lr=tag(log, interval(0, 1e-2))"),
+        (["seed=0", "moa.lora_rank=range(8, 2)"], "moa.lora_rank=range(8, 2)"),
+    ],
+)
+def test_the_optuna_search_space_is_checked_key_by_key(compose, task: list[str], bad: str | None) -> None:
+    cfg = compose([*TINY, "sweep=lr_search"], hydra=True)
+    with open_dict(cfg):  # the command line's sweep overrides (compose takes no sweep outside a multirun)
+        cfg.hydra.overrides.task = [*TINY, "sweep=lr_search", *task]
+    if bad is None:
+        sweep_checks.check_launch(cfg)
+        return
+    with pytest.raises(MoATrainError, match=re.escape(f"the Optuna search space '{bad}' cannot be used")):
+        sweep_checks.check_launch(cfg)
 
 
 def test_slurm_off_a_cluster_names_the_local_launchers(compose, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -101,6 +101,26 @@ def _check_optuna(config: DictConfig, sweeper: DictConfig) -> None:
     storage = sweeper.get("storage")
     if storage is not None:
         _check_storage(str(storage))
+    _check_search_space(config, sweeper)
+
+
+def _check_search_space(config: DictConfig, sweeper: DictConfig) -> None:
+    """Each parameter through the plugin's own conversion to an Optuna distribution, one at a time so
+    that the error names the key (a log interval from 0, a range the other way round)."""
+    # deferred: the plugin is imported only when its sweeper is chosen
+    from hydra_plugins.hydra_optuna_sweeper._impl import create_params_from_overrides
+
+    params = [f"{k}={v}" for k, v in (sweeper.get("params") or {}).items()]
+    task = OmegaConf.select(config, "hydra.overrides.task", default=None) or []
+    for entry in [*params, *map(str, task)]:
+        try:
+            create_params_from_overrides([entry])
+        except (ValueError, TypeError, NotImplementedError) as exc:
+            key = entry.split("=", 1)[0]
+            raise MoATrainError(
+                f"the Optuna search space {entry!r} cannot be used ({' '.join(str(exc).split())}); "
+                f"fix {key}=... (e.g. {key}='tag(log, interval(1e-4, 1e-2))' or {key}='choice(4, 8)')"
+            ) from None
 
 
 def _check_storage(storage: str) -> None:
