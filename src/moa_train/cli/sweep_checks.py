@@ -119,7 +119,8 @@ def _check_search_space(config: DictConfig, sweeper: DictConfig) -> None:
             key = entry.split("=", 1)[0]
             raise MoATrainError(
                 f"the Optuna search space {entry!r} cannot be used ({' '.join(str(exc).split())}); "
-                f"fix {key}=... (e.g. {key}='tag(log, interval(1e-4, 1e-2))' or {key}='choice(4, 8)')"
+                f"give {key} one of interval(a, b) or tag(log, interval(a, b)) with 0 < a < b, range(a, b) "
+                "with a < b, or choice(x, y, ...)"
             ) from None
 
 
