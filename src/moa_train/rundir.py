@@ -42,15 +42,31 @@ SUMMARY_NAME = "summary.json"  # what a finished (or stopped) run reports
 STATE_NAME = "trainer_state.json"  # written last into a checkpoint folder: marks it complete
 ADAPTER_CONFIG = "adapter_config.json"  # a saved adapter (a checkpoint or an exported/copied one)
 STEP_DIR = re.compile(r"^step-(\d+)$")
-# Files and folders that only a run writes: a folder holding any of them holds a run.
 # Top-level keys that say how a job is started or picked, not what it trains: a sweep job's folder
 # continues when only these differ (the leaderboard's chosen-rates block grows while its phase 2 runs;
 # the rate a job trains with is its optimizer.lr, which counts), and moa-report never splits a method by them.
 NOT_THE_JOB = ("resume", "skip_recorded", "leaderboard_methods", "leaderboard_rates")
+# Files and folders that only a run writes: a folder holding any of them holds a run.
 RUN_MARKERS = (CONFIG_NAME, "checkpoints", "final", SUMMARY_NAME, "metrics.jsonl", "train.log", ".hydra")
 
 # Folders Hydra may create for this invocation before the job validates: (run dir, first new ancestor).
 _PLANNED: list[tuple[Path, Path]] = []
+
+
+def flatten(node: Any) -> dict[str, Any]:
+    """A run config (nested mappings, as YAML loads it) as ``{"dotted.key": leaf}``; an empty mapping is
+    a leaf. Sweep jobs and moa-report compare run configs key by key through it."""
+    flat: dict[str, Any] = {}
+
+    def walk(value: Any, prefix: str) -> None:
+        if isinstance(value, dict) and value:
+            for key, child in value.items():
+                walk(child, f"{prefix}{key}.")
+        elif prefix:
+            flat[prefix[:-1]] = value
+
+    walk(node, "")
+    return flat
 
 
 def note_planned(path: str | os.PathLike[str]) -> None:

@@ -134,9 +134,8 @@ def _message(path: str, root: str) -> str:
             f"e.g. {key}='tag(log, interval(1e-4, 1e-2))' or {key}='choice(4, 8, 16)'"
         )
     nearest = nearest_key(path, root)
-    if (
-        nearest == path
-    ):  # a key of another option of its group (hydra.sweeper.n_trials under the basic sweeper)
+    # the key itself: another option of its group has it (hydra.sweeper.n_trials, basic sweeper)
+    if nearest == path:
         group = "/".join(path.split(".")[:2]) if path.startswith("hydra.") else path.split(".")[0]
         if not path.startswith("hydra.") and group not in _groups(root)[0]:  # valid, merely unset here
             return f"'{path}' is not set in this config; add it with +{path}=<value>"

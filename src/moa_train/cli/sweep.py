@@ -84,18 +84,16 @@ def collect_rows(sweep_dir: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def method_rows(rows: list[dict[str, Any]], sweep_dir: Path | None = None) -> list[dict[str, Any]]:
-    """Group job rows by their overrides without ``seed=`` (and, given the sweep folder, by any setting of
-    the job's run config in which such jobs differ: moa_train.report.methods); mean / sample std over
-    completed seeds."""
+def method_rows(rows: list[dict[str, Any]], sweep_dir: Path) -> list[dict[str, Any]]:
+    """Group job rows by their overrides without ``seed=``, split by any setting of the jobs' run configs
+    in which such jobs still differ (moa_train.report.methods); mean / sample std over completed seeds."""
     keys, seeds = [], []
     for row in rows:
         parts = str(row["overrides"]).split()
         found = [p.split("=", 1)[1] for p in parts if p.split("=", 1)[0] in SEED_KEYS]
         seeds.append(found[0] if found else "")
         keys.append(" ".join(p for p in parts if p.split("=", 1)[0] not in SEED_KEYS))
-    if sweep_dir is not None:
-        keys = split_by_settings([sweep_dir / str(row["job"]) for row in rows], keys)
+    keys = split_by_settings([sweep_dir / str(row["job"]) for row in rows], keys)
     groups: dict[str, list[tuple[str, dict[str, Any]]]] = {}
     for key, seed, row in zip(keys, seeds, rows):
         groups.setdefault(key, []).append((seed, row))

@@ -184,21 +184,8 @@ def _changed_keys(saved: str, current: str) -> list[tuple[str, Any, Any]]:
     counts only when it is switched on (not null, false, 0 or empty): a newer moa_train may add
     options, off by default, between the sessions of a long sweep, and the run continues exactly."""
 
-    def flat(text: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-
-        def walk(node: Any, prefix: str) -> None:
-            if isinstance(node, dict) and node:
-                for k, v in node.items():
-                    walk(v, f"{prefix}{k}.")
-            else:
-                out[prefix[:-1]] = node
-
-        walk(yaml.safe_load(text) or {}, "")
-        return out
-
     try:
-        before, now = flat(saved), flat(current)
+        before, now = rundir.flatten(yaml.safe_load(saved)), rundir.flatten(yaml.safe_load(current))
     except yaml.YAMLError as exc:
         raise MoATrainError(
             f"a job folder's config.yaml is not YAML ({exc}); remove the folder to run the job again"

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from moa_train.report.jobs import MEMORY_KEY, SEED_KEYS, Job, _job_config_value, _override_key
-from moa_train.rundir import CONFIG_NAME, NOT_THE_JOB
+from moa_train.rundir import CONFIG_NAME, NOT_THE_JOB, flatten
 
 
 def method_labels(jobs: list[Job]) -> list[str]:
@@ -53,9 +53,8 @@ def split_by_settings(job_dirs: list[Path], labels: list[str]) -> list[str]:
         configs = [(i, flat) for i in members if (flat := _settings(job_dirs[i]))]
         if len(configs) < 2:
             continue
-        shared = set.intersection(
-            *(set(flat) for _, flat in configs)
-        )  # a key only newer runs have: not a split
+        # a key that only some runs have (a newer moa_train's option) does not split them
+        shared = set.intersection(*(set(flat) for _, flat in configs))
         differing = sorted(
             k for k in shared if not _not_a_setting(k) and len({repr(flat[k]) for _, flat in configs}) > 1
         )
@@ -72,20 +71,9 @@ def _settings(job_dir: Path) -> dict[str, Any]:
     """The job's resolved run config (``<job>/config.yaml``, written when it starts), flattened."""
     path = job_dir / CONFIG_NAME
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+        return flatten(yaml.safe_load(path.read_text(encoding="utf-8"))) if path.is_file() else {}
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
         return {}
-    flat: dict[str, Any] = {}
-
-    def walk(node: Any, prefix: str) -> None:
-        if isinstance(node, dict) and node:
-            for key, value in node.items():
-                walk(value, f"{prefix}{key}.")
-        elif prefix:
-            flat[prefix[:-1]] = node
-
-    walk(data, "")
-    return flat
 
 
 def mean_std(values: list[float]) -> tuple[float | None, float | None]:
