@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import statistics
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from omegaconf import OmegaConf
 import moa_train.cli.main  # noqa: F401  (registers the moa_fail resolver)
 from moa_train.errors import one_line
 from moa_train.report import leaderboard as lb
+from moa_train.report import leaderboard_page as lb_page
+from moa_train.report import leaderboard_stats as lb_stats
 
 TASKS = ("2_digit_addition", "3_digit_addition")
 
@@ -34,12 +37,12 @@ def _grid(folder: Path, rates: str) -> Path:
 
 
 def test_interval_and_welch_match_textbook_values() -> None:
-    low, high = lb.interval95([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.303
+    low, high = lb_stats.interval95([1.0, 2.0, 3.0])  # mean 2, sd 1, n 3: t(0.975, 2) = 4.303
     assert (high - low) / 2 == pytest.approx(4.3027 / math.sqrt(3), rel=1e-4)
-    assert lb.interval95([0.5]) is None
+    assert lb_stats.interval95([0.5]) is None
     # Welch on (1,2,3) vs (4,5,6): t = -3 / sqrt(2/3), 4 degrees of freedom -> p = 0.0213
-    assert lb.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.0213, abs=5e-4)
-    assert lb.welch_p([0.2, 0.2], [0.2, 0.2]) == 1.0 and lb.welch_p([0.1], [0.2, 0.3]) is None
+    assert lb_stats.welch_p([1.0, 2.0, 3.0], [4.0, 5.0, 6.0]) == pytest.approx(0.0213, abs=5e-4)
+    assert lb_stats.welch_p([0.2, 0.2], [0.2, 0.2]) == 1.0 and lb_stats.welch_p([0.1], [0.2, 0.3]) is None
 
 
 def test_the_learning_rate_is_chosen_on_validation_not_on_the_held_out_items() -> None:
@@ -48,7 +51,7 @@ def test_the_learning_rate_is_chosen_on_validation_not_on_the_held_out_items() -
         # lr 1e-3 scores higher on the held-out items, but 3e-4 has the lower validation loss
         records.append(_record("math_lora", "1e-3", seed, (0.9, 0.9), 1.5 + seed / 100))
         records.append(_record("math_lora", "3e-4", seed, (0.3 + seed / 100, 0.4), 1.2 + seed / 100))
-    (entry,) = lb.choose(records)
+    (entry,) = lb_stats.choose(records)
     assert (
         entry.lr == "3e-4"
         and entry.lr_note == "lowest validation loss, seeds 0, 1, 2; at the edge of the grid"
@@ -70,14 +73,14 @@ def test_page_reports_mean_std_interval_and_noise() -> None:
     records.append({"job": "broken", "experiment": "math_mola", "lr": "3e-4", "seed": "0", "status": "failed",
                     "reason": "error: out of memory", "accuracy": {}, "summary": {}})  # fmt: skip
     records.append({"job": "base_model", "status": "completed", "accuracy": dict(zip(TASKS, (0.0, 0.1)))})
-    page = lb.build_page(records, intro="# Method leaderboard\n")
+    page = lb_page.build_page(records, intro="# Method leaderboard\n")
     rows = {line.split(" | ")[0].lstrip("| "): line for line in page.splitlines() if line.startswith("| ")}
     soft = rows["Soft MoA (`math_soft`)"]
     assert "**50.0 ± 0.0**" in soft and "| best |" in soft  # task errors cancel in the mean: std 0
     lora = rows["LoRA (r16) (`math_lora`)"]
     scores = [statistics.fmean((0.49 + d, 0.49)) for d in (0.0, 0.02, 0.01)]
     assert f"**{100 * statistics.fmean(scores):.1f} ± {100 * statistics.stdev(scores):.1f}**" in lora
-    low, high = lb.interval95(scores)
+    low, high = lb_stats.interval95(scores)
     assert f"[{100 * low:.1f}, {100 * high:.1f}]" in lora
     assert "(within noise)" in lora and "(within noise)" not in rows["naive composition (`math_naive`)"]
     assert "Within noise of it" in page and "LoRA (r16)" in page.split("Within noise of it")[1].split(";")[0]
@@ -131,7 +134,7 @@ def test_collect_records_finished_and_failed_jobs_and_skips_running_ones(tmp_pat
     )
     failed = json.loads((out / "experiment=math_soft,optimizer.lr=0.0003,seed=0.json").read_text())
     assert failed["status"] != "completed" and "data.max_len=1" in failed["reason"]
-    page = lb.build_page(lb.load_records(out))
+    page = lb_page.build_page(lb.load_records(out))
     assert "lr not chosen" not in page and "only rate run (no search)" in page
 
 
@@ -172,24 +175,54 @@ def test_two_phases_choose_the_rate_on_the_search_seed_and_report_every_seed_at_
         _record("math_lora", "0.0001", 0, (0.1, 0.1), 0.70),  # a search still running: 2 of 3 rates
         _record("math_lora", "0.0003", 0, (0.2, 0.2), 0.50),
     ]
-    entries = {e.experiment: e for e in lb.choose(records)}
+    entries = {e.experiment: e for e in lb_stats.choose(records)}
     soft = entries["math_soft"]
     # seeds 1, 2 ran only at 1e-3 and their (worse) losses do not enter the choice
     assert soft.lr == "0.001" and soft.lr_note == "lowest validation loss, seed 0; at the edge of the grid"
     assert soft.val_by_lr["0.001"] == (pytest.approx(0.37), 1) and len(soft.scores) == 3
     assert entries["math_lora"].lr_note == "lowest validation loss, seed 0; 2 of 3 rates run"
-    assert lb.chosen_rates(records) == {"math_soft": 0.001}  # an unfinished search is not replicated yet
+    assert lb_stats.chosen_rates(records) == {
+        "math_soft": 0.001
+    }  # an unfinished search is not replicated yet
     # a rate whose job recorded no validation loss cannot be chosen, and the method waits for it
     records += [
         _record("math_mola", lr, 0, (0.2, 0.2), val)
         for lr, val in (("0.0001", 0.6), ("0.0003", 0.5), ("0.001", None))
     ]
-    mola = next(e for e in lb.choose(records) if e.experiment == "math_mola")
+    mola = next(e for e in lb_stats.choose(records) if e.experiment == "math_mola")
     assert (
         mola.lr == "0.0003"
         and mola.lr_note == "lowest validation loss, seed 0; 1 rate(s) without a validation loss"
     )
-    assert "math_mola" not in lb.chosen_rates(records)
+    assert "math_mola" not in lb_stats.chosen_rates(records)
+
+
+def test_progress_names_finished_methods_and_what_each_other_method_waits_for() -> None:
+    grid = [1e-4, 3e-4, 1e-3]
+    records = [
+        _record("math_soft", lr, 0, (0.4, 0.5), val)
+        for lr, val in (("0.0001", 0.6), ("0.0003", 0.5), ("0.001", 0.4))
+    ]
+    records += [_record("math_soft", "0.001", s, (0.4, 0.5), 0.4) for s in (1, 2)]  # 3 seeds: finished
+    records += [
+        _record("math_lora", lr, 0, (0.4, 0.5), val)
+        for lr, val in (("0.0001", 0.6), ("0.0003", 0.4), ("0.001", 0.5))
+    ]
+    records.append(_record("math_lora", "0.0003", 1, (0.4, 0.5), 0.5))  # searched, 2 of 3 seeds
+    records.append(_record("math_mola", "0.0003", 0, (0.4, 0.5), 0.5))  # 1 of 3 rates
+    records.append(_record("math_mola", "0.01", 0, (0.4, 0.5), 0.5))  # off the grid: does not count
+    methods = ["math_soft", "math_lora", "math_mola", "math_naive"]
+    assert lb_page.progress(records, grid, methods) == (
+        "**Progress:** 1 of 4 methods finished (searched, 3 seeds at the chosen rate); "
+        "searched, seeds still to run: LoRA (r16) (2 of 3 seeds); search still running: MoLA (1 of 3 rates); "
+        "not run yet: naive composition."
+    )  # fmt: skip
+    assert "**Progress:** 1 of 4 methods finished" in lb_page.build_page(records, grid=grid, methods=methods)
+    repo = Path(__file__).resolve().parents[2]
+    methods = lb_stats.read_methods(repo / "configs" / "sweep" / "leaderboard.yaml")
+    assert len(methods) == 13 and methods[:2] == ["math_soft", "math_sparse"]
+    # the GPU board inherits them through its defaults
+    assert lb_stats.read_methods(repo / "configs" / "sweep" / "leaderboard_gpu.yaml") == methods
 
 
 def test_rates_write_replaces_only_the_chosen_rates_block(tmp_path: Path, capsys) -> None:
@@ -215,11 +248,38 @@ def test_rates_write_replaces_only_the_chosen_rates_block(tmp_path: Path, capsys
 def test_the_committed_phase_2_rates_are_the_ones_the_committed_records_choose() -> None:
     repo = Path(__file__).resolve().parents[2]
     config = (repo / "configs" / "sweep" / "leaderboard_seeds.yaml").read_text()
-    grid = lb.read_grid(repo / "configs" / "sweep" / "leaderboard.yaml")
-    rates = lb.chosen_rates(lb.load_records(repo / "docs" / "leaderboard" / "results"), grid)
+    grid = lb_stats.read_grid(repo / "configs" / "sweep" / "leaderboard.yaml")
+    rates = lb_stats.chosen_rates(lb.load_records(repo / "docs" / "leaderboard" / "results"), grid)
     assert config.endswith(lb.rates_block(rates)), (
         "run: python -m moa_train.report.leaderboard rates --write configs/sweep/leaderboard_seeds.yaml"
     )
+
+
+def test_the_committed_page_and_readme_are_the_ones_the_committed_records_build() -> None:
+    """docs/leaderboard.md is rebuilt from the committed records (only its date may differ), and every
+    accuracy the README's leaderboard paragraph quotes is a method's mean ± std on that page."""
+    repo = Path(__file__).resolve().parents[2]
+    committed = (repo / "docs" / "leaderboard.md").read_text(encoding="utf-8")
+    config = repo / "configs" / "sweep" / "leaderboard.yaml"
+    rebuilt = lb_page.build_page(
+        lb.load_records(repo / "docs" / "leaderboard" / "results"),
+        committed.split("\n## Results (")[0],
+        lb_stats.read_grid(config),
+        lb_stats.read_methods(config),
+    )
+
+    def undated(text: str) -> str:
+        return re.sub(r"^## Results \(\d{4}-\d{2}-\d{2}, ", "## Results (", text, flags=re.M)
+
+    assert undated(committed) == undated(rebuilt), "run: python -m moa_train.report.leaderboard page"
+    readme = (
+        (repo / "README.md").read_text(encoding="utf-8").split("### Method leaderboard")[1].split("\n## ")[0]
+    )
+    quoted = re.findall(r"\d+\.\d ± \d+\.\d", readme)
+    table = re.findall(r"\*\*(\d+\.\d ± \d+\.\d)\*\*", rebuilt)
+    assert quoted and set(quoted) <= set(table), "README quotes accuracies the leaderboard page does not have"
+    finished = re.search(r"(\d+) of (\d+) methods finished", rebuilt)
+    assert finished and f"{finished[1]} of the {finished[2]} methods are finished" in readme
 
 
 def test_phase_2_before_any_search_stops_with_one_line_naming_the_fix() -> None:
@@ -233,7 +293,7 @@ def test_phase_2_before_any_search_stops_with_one_line_naming_the_fix() -> None:
 
 
 def test_rates_the_grid_no_longer_holds_are_shown_but_never_chosen(tmp_path: Path) -> None:
-    grid = lb.read_grid(_grid(tmp_path, "3.0e-4,1.0e-3,3.0e-3"))
+    grid = lb_stats.read_grid(_grid(tmp_path, "3.0e-4,1.0e-3,3.0e-3"))
     assert grid == [3e-4, 1e-3, 3e-3]
     records = [
         _record("math_soft", "0.0001", 0, (0.1, 0.1), 0.10),  # lowest loss, but the grid dropped 1e-4
@@ -244,7 +304,7 @@ def test_rates_the_grid_no_longer_holds_are_shown_but_never_chosen(tmp_path: Pat
         _record("math_lora", "0.0001", 0, (0.1, 0.1), 0.30),
         _record("math_lora", "0.0003", 0, (0.1, 0.1), 0.35),  # 1 of 3 grid rates: not replicated yet
     ]
-    entries = {e.experiment: e for e in lb.choose(records, grid)}
+    entries = {e.experiment: e for e in lb_stats.choose(records, grid)}
     soft = entries["math_soft"]
     assert soft.lr == "0.001" and soft.lr_note == "lowest validation loss, seed 0"  # interior: no edge note
     assert soft.val_by_lr["0.0001"] == (pytest.approx(0.10), 1)  # still reported
@@ -252,11 +312,11 @@ def test_rates_the_grid_no_longer_holds_are_shown_but_never_chosen(tmp_path: Pat
     assert (molora.lr, molora.lr_note, molora.runs) == (None, "no job at a grid rate yet", [])
     assert entries["math_lora"].lr == "0.0003"
     assert entries["math_lora"].lr_note == "only rate run (no search)"
-    assert lb.chosen_rates(records, grid) == {"math_soft": 0.001}
-    assert lb.chosen_rates(records) == {
+    assert lb_stats.chosen_rates(records, grid) == {"math_soft": 0.001}
+    assert lb_stats.chosen_rates(records) == {
         "math_soft": 0.0001
     }  # without a grid, every rate any method ran counts
-    page = lb.build_page(records, grid=grid)
+    page = lb_page.build_page(records, grid=grid)
     assert "Rates the grid no longer holds (shown, never chosen): 0.0001." in page
     assert "| MoLoRA (`math_molora`) | – (no job at a grid rate yet) | 0 | **–** |" in page
     assert "| MoLoRA | **0.6000 (1)** | – | – | – |" not in page and "| MoLoRA | 0.6000 (1) |" in page
@@ -267,8 +327,8 @@ def test_the_grid_comes_from_the_sweep_configs_and_a_wrong_one_stops_with_one_li
     tmp_path: Path, capsys
 ) -> None:
     repo = Path(__file__).resolve().parents[2]
-    assert lb.read_grid(repo / "configs" / "sweep" / "leaderboard.yaml") == [3e-4, 1e-3, 3e-3, 1e-2]
-    assert lb.read_grid(repo / "configs" / "sweep" / "leaderboard_gpu.yaml") == [1e-4, 3e-4, 1e-3, 3e-3]
+    assert lb_stats.read_grid(repo / "configs" / "sweep" / "leaderboard.yaml") == [3e-4, 1e-3, 3e-3, 1e-2]
+    assert lb_stats.read_grid(repo / "configs" / "sweep" / "leaderboard_gpu.yaml") == [1e-4, 3e-4, 1e-3, 3e-3]
     (tmp_path / "records").mkdir()
     for config, message in (
         (tmp_path / "missing.yaml", "not found: run from the repository root or pass --grid-config"),

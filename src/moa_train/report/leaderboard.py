@@ -30,12 +30,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import statistics
 import sys
-import warnings
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +38,8 @@ from omegaconf import OmegaConf
 
 from moa_train.files import write_atomic
 from moa_train.report.jobs import ReportError, find_jobs, read_base, read_job, task_map_for
+from moa_train.report.leaderboard_page import build_page
+from moa_train.report.leaderboard_stats import chosen_rates, number, read_grid, read_methods
 from moa_train.train.loggers import read_metrics
 
 RESULTS = Path("docs/leaderboard/results")
@@ -65,11 +62,6 @@ SUMMARY_KEYS = (
     "trainable_params",
     "peak_memory_mb",
 )
-NAMES = {  # experiment preset suffix -> method name
-    "soft": "Soft MoA", "sparse": "Sparse MoA", "lora": "LoRA (r16)", "molora": "MoLoRA",
-    "hydralora": "HydraLoRA", "topk": "Top-K MoE-LoRA", "adamole": "AdaMoLE", "mixlora": "MixLoRA",
-    "mola": "MoLA", "dynmole": "DynMoLE", "loramoe": "LoRAMoE", "moslora": "MoSLoRA", "naive": "naive composition",
-}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -104,7 +96,7 @@ def collect(sweep_dir: Path, into: Path = RESULTS, base: Path | None = None) -> 
             "status": "completed" if job.ok else job.status,
             "reason": job.reason,
             "objective": objective,
-            "val_loss": _number(job.summary.get(objective)) or _last_logged(job_dir, objective),
+            "val_loss": number(job.summary.get(objective)) or _last_logged(job_dir, objective),
             "accuracy": job.datasets,
             "eval_records": job.n_eval,
             "summary": {k: job.summary[k] for k in SUMMARY_KEYS if k in job.summary},
@@ -153,7 +145,7 @@ def _last_logged(job_dir: Path, key: str) -> float | None:
     """The last value of ``key`` in the job's metrics.jsonl: the validation loss of a job whose summary
     lacks it (a job finished by a resume from its last checkpoint, before the summary kept that pass)."""
     try:
-        values = [_number(r.get(key)) for r in read_metrics(job_dir) if isinstance(r, dict)]
+        values = [number(r.get(key)) for r in read_metrics(job_dir) if isinstance(r, dict)]
     except (OSError, ValueError):  # unreadable or damaged: the record has no validation loss
         return None
     return next((v for v in reversed(values) if v is not None), None)
@@ -180,11 +172,6 @@ def _select(config: Any, key: str) -> Any:
     return OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
 
 
-def _number(value: Any) -> float | None:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-    return float(value) if ok else None
-
-
 def record_path(records: Path, job_name: str) -> Path:
     """Where ``collect`` writes the record of the sweep job ``job_name`` (its folder under the sweep)."""
     return records / (_safe(job_name) + ".json")
@@ -192,158 +179,6 @@ def record_path(records: Path, job_name: str) -> Path:
 
 def _safe(name: str) -> str:
     return "".join(c if c.isalnum() or c in "=.,-_" else "_" for c in name)
-
-
-# ---------------------------------------------------------------------------------------------------
-# statistics
-# ---------------------------------------------------------------------------------------------------
-
-
-def interval95(values: list[float]) -> tuple[float, float] | None:
-    """95% confidence interval of the mean (Student t with n-1 degrees of freedom); None below 2 values."""
-    if len(values) < 2:
-        return None
-    # deferred: scipy.stats is slow to import; keeps moa-report fast until a statistic is needed
-    from scipy import stats
-
-    mean = statistics.fmean(values)
-    half = float(stats.t.ppf(0.975, len(values) - 1)) * statistics.stdev(values) / math.sqrt(len(values))
-    return mean - half, mean + half
-
-
-def welch_p(a: list[float], b: list[float]) -> float | None:
-    """Two-sided p-value of Welch's t-test (None when either side has fewer than 2 values)."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
-        return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
-
-    # deferred: scipy.stats is slow to import (see interval95)
-    from scipy import stats
-
-    with warnings.catch_warnings():  # near-identical seeds: scipy warns about precision, the p is still right
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-@dataclass
-class Entry:
-    """One method at its chosen learning rate."""
-
-    experiment: str
-    lr: str | None
-    lr_note: str
-    val_by_lr: dict[str, tuple[float | None, int]]  # lr -> (mean validation loss, seeds)
-    runs: list[dict[str, Any]]  # completed records at the chosen lr
-
-    @property
-    def name(self) -> str:
-        return NAMES.get(self.experiment.split("_", 1)[-1], self.experiment)
-
-    @property
-    def scores(self) -> list[float]:
-        return [statistics.fmean(r["accuracy"].values()) for r in self.runs if r["accuracy"]]
-
-    def task(self, task: str) -> list[float]:
-        return [r["accuracy"][task] for r in self.runs if task in r["accuracy"]]
-
-
-def read_grid(config: Path) -> list[float]:
-    """The learning rates of a leaderboard sweep config (``hydra.sweeper.params`` ``optimizer.lr``)."""
-    if not config.is_file():
-        raise ReportError(
-            f"{config} not found: run from the repository root or pass --grid-config <the leaderboard sweep config>"
-        )
-    try:
-        raw = OmegaConf.load(config).hydra.sweeper.params["optimizer.lr"]
-        return sorted({float(v) for v in str(raw).split(",")})
-    except Exception:  # noqa: BLE001  (any shape other than "a,b,c" is the same user error)
-        raise ReportError(
-            f"{config} has no learning-rate grid (hydra.sweeper.params optimizer.lr: a,b,c); pass the config whose "
-            "hydra.sweeper.params sets optimizer.lr, e.g. configs/sweep/leaderboard.yaml"
-        ) from None
-
-
-def _in(lr: str, grid: set[float]) -> bool:
-    try:
-        return float(lr) in grid
-    except ValueError:
-        return False
-
-
-def choose(records: list[dict[str, Any]], grid: list[float] | None = None) -> list[Entry]:
-    """Per method: the rate of ``grid`` (default: every rate any method ran) with the lowest mean
-    validation loss over its search seeds (those that ran every grid rate the method ran), and the
-    completed runs at that rate over all seeds. Rates outside the grid are reported, never chosen."""
-    by_method: dict[str, dict[str, list[dict[str, Any]]]] = {}
-    for r in records:
-        if r.get("job") == "base_model" or r.get("status") != "completed":
-            continue
-        by_method.setdefault(str(r["experiment"]), {}).setdefault(str(r["lr"]), []).append(r)
-    if grid is None:
-        grid = sorted({float(lr) for by_lr in by_method.values() for lr in by_lr})
-    in_grid = set(grid)
-    entries = []
-    for experiment, all_by_lr in by_method.items():
-        by_lr = {lr: runs for lr, runs in all_by_lr.items() if _in(lr, in_grid)}
-        # per rate, the seeds with a validation loss; a rate without any cannot compete
-        seeds_by_lr = {
-            lr: {str(r["seed"]) for r in runs if r.get("val_loss") is not None} for lr, runs in by_lr.items()
-        }
-        scored = {lr: seeds for lr, seeds in seeds_by_lr.items() if seeds}
-        search = set.intersection(*scored.values()) if scored else set()  # the search seeds
-        val = {}
-        for lr, runs in all_by_lr.items():  # outside the grid too (every seed there): shown, never chosen
-            losses = [
-                r["val_loss"]
-                for r in runs
-                if (str(r["seed"]) in search or lr not in by_lr) and r.get("val_loss") is not None
-            ]
-            val[lr] = (statistics.fmean(losses) if losses else None, len(losses))
-        chosen = {lr: v for lr, (v, _) in val.items() if v is not None and lr in by_lr}
-        if chosen and len(by_lr) > 1:
-            lr = min(chosen, key=lambda k: chosen[k])
-            seeds = ", ".join(sorted(search, key=_seed_order))
-            note = f"lowest validation loss, seed{'s' if len(search) > 1 else ''} {seeds}"
-            if len(by_lr) < len(grid):
-                note += f"; {len(by_lr)} of {len(grid)} rates run"
-            if len(scored) < len(by_lr):
-                note += f"; {len(by_lr) - len(scored)} rate(s) without a validation loss"
-            if float(lr) in (grid[0], grid[-1]):  # the best may lie beyond the grid
-                note += "; at the edge of the grid"
-        elif chosen:
-            lr, note = next(iter(chosen)), "only rate run (no search)"
-        elif by_lr:
-            lr = max(by_lr, key=lambda k: len(by_lr[k]))
-            note = "no validation loss recorded: rate not chosen on validation"
-        else:  # only rates the grid no longer holds: shown in the rate table, nothing to rank yet
-            entries.append(Entry(experiment, None, "no job at a grid rate yet", val, []))
-            continue
-        entries.append(Entry(experiment, lr, note, val, by_lr[lr]))
-    entries.sort(key=lambda e: -(statistics.fmean(e.scores) if e.scores else -1.0))
-    return entries
-
-
-def chosen_rates(records: list[dict[str, Any]], grid: list[float] | None = None) -> dict[str, float]:
-    """method -> its chosen rate, for the methods whose search ran every rate of the grid."""
-    if grid is None:
-        grid = sorted(
-            {
-                float(r["lr"])
-                for r in records
-                if r.get("job") != "base_model" and r.get("status") == "completed"
-            }
-        )
-    rates = {}
-    for e in choose(records, grid):
-        val = {float(lr): v for lr, (v, _) in e.val_by_lr.items() if _in(lr, set(grid))}
-        if (
-            e.lr_note.startswith("lowest validation loss")
-            and set(val) == set(grid)
-            and None not in val.values()
-        ):
-            rates[e.experiment] = float(e.lr)
-    return rates
 
 
 RATES_MARKER = "# ---- chosen rates:"
@@ -374,16 +209,8 @@ def write_rates(config: Path, rates: dict[str, float]) -> None:
     write_atomic(config, text.split(RATES_MARKER)[0] + rates_block(rates))
 
 
-def _seed_order(seed: str) -> tuple[int, str]:
-    return (int(seed), "") if seed.lstrip("-").isdigit() else (0, seed)
-
-
-# ---------------------------------------------------------------------------------------------------
-# page
-# ---------------------------------------------------------------------------------------------------
-
-
 def load_records(results: Path) -> list[dict[str, Any]]:
+    """Every record of the folder ``results`` (``collect`` writes them)."""
     if not results.is_dir():
         raise ReportError(f"{results} is not a folder; run `collect <sweep dir>` first")
     records = []
@@ -395,120 +222,6 @@ def load_records(results: Path) -> list[dict[str, Any]]:
                 f"{path} is not a readable record ({exc}); delete it and collect again"
             ) from None
     return records
-
-
-def _pct(values: list[float]) -> str:
-    if not values:
-        return "–"
-    mean = 100 * statistics.fmean(values)
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f}" if len(values) > 1 else f"{mean:.1f}"
-
-
-def build_page(records: list[dict[str, Any]], intro: str = "", grid: list[float] | None = None) -> str:
-    entries = choose(records, grid)
-    base = next((r for r in records if r.get("job") == "base_model"), None)
-    tasks = sorted({t for r in records for t in (r.get("accuracy") or {})})
-    runs = [r for r in records if r.get("job") != "base_model"]
-    done = [r for r in runs if r.get("status") == "completed"]
-    budgets = sorted({json.dumps(r.get("budget") or {}, sort_keys=True) for r in done})
-    lines = [intro.rstrip(), ""] if intro else []
-    lines += [f"## Results ({datetime.now(timezone.utc):%Y-%m-%d}, rebuilt from {len(runs)} job records)", ""]
-    if not runs:
-        return "\n".join([*lines, "No job of this leaderboard has finished yet.", ""])
-    lines.append(f"**What ran:** {len(done)} completed jobs, {len(runs) - len(done)} failed; "
-                 f"{len(entries)} methods; learning rates tried: "
-                 f"{', '.join(sorted({str(r['lr']) for r in done}, key=float)) or 'none'}; seeds: "
-                 f"{', '.join(sorted({str(r['seed']) for r in done})) or 'none'}"
-                 + (f"; the grid rates are chosen from: {', '.join(f'{g:g}' for g in grid)}" if grid else "")
-                 + ".")  # fmt: skip
-    for b in budgets:
-        lines.append(
-            "**Budget:** "
-            + ", ".join(f"{k} {v if v is not None else 'all'}" for k, v in json.loads(b).items())
-            + "."
-        )
-    best = entries[0] if entries else None
-    head = [
-        "method",
-        "lr (how chosen)",
-        "seeds",
-        "mean acc %",
-        "95% interval",
-        *tasks,
-        "vs best (Welch p)",
-        "s/step",
-    ]
-    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * 3 + "---:|" * (len(head) - 3)]
-    if base is not None:
-        acc = list(base["accuracy"].values())
-        cells = ["base model (no adapters)", "–", "–", f"{100 * statistics.fmean(acc):.1f}", "–"]
-        cells += [_pct([base["accuracy"][t]]) if t in base["accuracy"] else "–" for t in tasks] + ["–", "–"]
-        lines.append("| " + " | ".join(cells) + " |")
-    for e in entries:
-        ci = interval95(e.scores)
-        p = welch_p(e.scores, best.scores) if best is not None and e is not best else None
-        noise = (
-            "best"
-            if e is best
-            else ("n/a (< 2 seeds)" if p is None else f"{p:.2f}" + (" (within noise)" if p >= 0.05 else ""))
-        )
-        timed = [r.get("summary") or {} for r in e.runs]
-        secs = [
-            t["train_seconds"] / t["step"] for t in timed if t.get("step") and _number(t.get("train_seconds"))
-        ]
-        cells = [
-            f"{e.name} (`{e.experiment}`)",
-            f"{e.lr or '–'} ({e.lr_note})",
-            str(len(e.scores)),
-            f"**{_pct(e.scores)}**",
-            f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else "–",
-            *[_pct(e.task(t)) for t in tasks],
-            noise,
-            f"{statistics.fmean(secs):.1f}" if secs else "–",
-        ]
-        lines.append("| " + " | ".join(cells) + " |")
-    lines += [
-        "",
-        *_noise_summary(entries),
-        "",
-        "### Learning-rate choice (mean validation loss over the search seeds; bold: chosen)",
-        "",
-    ]
-    lrs = sorted({lr for e in entries for lr in e.val_by_lr}, key=float)
-    lines += ["| method | " + " | ".join(lrs) + " |", "|---|" + "---:|" * len(lrs)]
-    for e in entries:
-        cells = []
-        for lr in lrs:
-            v, n = e.val_by_lr.get(lr, (None, 0))
-            text = "–" if not n else (f"{v:.4f} ({n})" if v is not None else f"n/a ({n})")
-            cells.append(f"**{text}**" if lr == e.lr else text)
-        lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
-    if grid is not None and (outside := [lr for lr in lrs if not _in(lr, set(grid))]):
-        lines += ["", f"Rates the grid no longer holds (shown, never chosen): {', '.join(outside)}."]
-    failed = [r for r in runs if r.get("status") != "completed"]
-    lines += ["", f"### Failed jobs ({len(failed)})", ""]
-    lines += [
-        f"- `{r['job']}`: {r.get('status')}: {r.get('reason') or 'no reason recorded'}" for r in failed
-    ] or ["none"]
-    return "\n".join(lines).rstrip() + "\n"
-
-
-def _noise_summary(entries: list[Entry]) -> list[str]:
-    if len(entries) < 2:
-        return ["One method only: nothing to compare."]
-    best = entries[0]
-    tied = [e.name for e in entries[1:] if (p := welch_p(e.scores, best.scores)) is not None and p >= 0.05]
-    apart = [e.name for e in entries[1:] if (p := welch_p(e.scores, best.scores)) is not None and p < 0.05]
-    untested = [e.name for e in entries if len(e.scores) < 2]
-    text = [f"Best mean accuracy: **{best.name}**."]
-    text.append(
-        f"Within noise of it (Welch's t-test over seeds, p ≥ 0.05): {', '.join(tied) or 'none'}; "
-        f"separated from it (p < 0.05): {', '.join(apart) or 'none'}"
-        + (f"; not testable yet (fewer than 2 seeds): {', '.join(untested)}" if untested else "")
-        + ". With 3 seeds the test has little power: "
-        '"within noise" means the seeds cannot tell the methods apart, not that they are equal.'
-    )
-    return [" ".join(text)]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -549,7 +262,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"written: {args.write} ({len(rates)} methods)")
             return
         intro = args.intro.read_text(encoding="utf-8") if args.intro else _own_intro(args.out)
-        page = build_page(load_records(args.results), intro, read_grid(args.grid_config))
+        page = build_page(
+            load_records(args.results), intro, read_grid(args.grid_config), read_methods(args.grid_config)
+        )
         args.out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(args.out, page)
         print(f"written: {args.out}")
