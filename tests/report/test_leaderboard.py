@@ -152,7 +152,7 @@ def test_page_command_rebuilds_from_records_and_keeps_the_intro(tmp_path: Path, 
     )
     text = page.read_text()
     assert text.startswith("# Method leaderboard\n\nHand-written intro.") and "stale" not in text
-    assert "no validation loss recorded: rate not chosen on validation" in text
+    assert "| 3e-4 (the grid's only rate) | 3 |" in text  # a one-rate grid: nothing to choose, still ranked
     with pytest.raises(SystemExit) as exc:
         lb.main(["page", "--results", str(tmp_path / "missing"), "--out", str(page)])
     assert exc.value.code == 2 and capsys.readouterr().err.startswith("error: ")
@@ -318,7 +318,9 @@ def test_rates_the_grid_no_longer_holds_are_shown_but_never_chosen(tmp_path: Pat
     }  # without a grid, every rate any method ran counts
     page = lb_page.build_page(records, grid=grid)
     assert "Rates the grid no longer holds (shown, never chosen): 0.0001." in page
-    assert "| MoLoRA (`math_molora`) | – (no job at a grid rate yet) | 0 | **–** |" in page
+    # only a method whose search ran every grid rate is ranked; the others wait in the rate table
+    assert "(`math_molora`)" not in page and "(`math_lora`)" not in page and "| Soft MoA (`math_soft`) |" in page
+    assert "Not ranked until their search has run every grid rate: LoRA (r16), MoLoRA." in page
     assert "| MoLoRA | **0.6000 (1)** | – | – | – |" not in page and "| MoLoRA | 0.6000 (1) |" in page
     assert "the grid rates are chosen from: 0.0003, 0.001, 0.003" in page
 

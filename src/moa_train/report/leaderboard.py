@@ -24,6 +24,8 @@ chosen rate; the same grid for every method; the held-out items are never used t
 the held-out accuracy (unweighted mean over the tasks) is given as mean ± sample std over the seeds
 and a 95% interval for the mean (Student t, n-1 degrees of freedom). A method is "within noise" of the
 best one when Welch's t-test over the seeds does not separate them at the 5% level.
+Only methods whose search ran every rate of the grid are ranked; the page's progress line says what
+the others wait for.
 """
 
 from __future__ import annotations

@@ -60,7 +60,11 @@ def build_page(
             + ", ".join(f"{k} {v if v is not None else 'all'}" for k, v in json.loads(b).items())
             + "."
         )
-    best = entries[0] if entries else None
+    # with a grid, only methods whose search ran every grid rate are ranked: a rate picked from part of
+    # the grid, or one never compared on validation, is not the protocol's choice
+    searched = chosen_rates(records, grid) if grid is not None else None
+    ranked = [e for e in entries if searched is None or e.experiment in searched]
+    best = ranked[0] if ranked else None
     head = [
         "method",
         "lr (how chosen)",
@@ -77,7 +81,7 @@ def build_page(
         cells = ["base model (no adapters)", "–", "–", f"{100 * statistics.fmean(acc):.1f}", "–"]
         cells += [_pct([base["accuracy"][t]]) if t in base["accuracy"] else "–" for t in tasks] + ["–", "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    for e in entries:
+    for e in ranked:
         ci = interval95(e.scores)
         p = welch_p(e.scores, best.scores) if best is not None and e is not best else None
         noise = (
@@ -100,9 +104,15 @@ def build_page(
             f"{statistics.fmean(secs):.1f}" if secs else "–",
         ]
         lines.append("| " + " | ".join(cells) + " |")
+    unranked = [e.name for e in entries if e not in ranked]
     lines += [
         "",
-        *_noise_summary(entries),
+        *_noise_summary(ranked),
+        *(
+            [f"Not ranked until their search has run every grid rate: {', '.join(unranked)}."]
+            if unranked
+            else []
+        ),
         "",
         "### Learning-rate choice (mean validation loss over the search seeds; bold: chosen)",
         "",
@@ -114,7 +124,7 @@ def build_page(
         for lr in lrs:
             v, n = e.val_by_lr.get(lr, (None, 0))
             text = "–" if not n else (f"{v:.4f} ({n})" if v is not None else f"n/a ({n})")
-            cells.append(f"**{text}**" if lr == e.lr else text)
+            cells.append(f"**{text}**" if lr == e.lr and e in ranked else text)
         lines.append(f"| {e.name} | " + " | ".join(cells) + " |")
     if grid is not None and (outside := [lr for lr in lrs if not in_grid(lr, set(grid))]):
         lines += ["", f"Rates the grid no longer holds (shown, never chosen): {', '.join(outside)}."]
@@ -127,6 +137,8 @@ def build_page(
 
 
 def _noise_summary(entries: list[Entry]) -> list[str]:
+    if not entries:
+        return ["No method has finished its search yet: nothing to rank."]
     if len(entries) < 2:
         return ["One method only: nothing to compare."]
     best = entries[0]

@@ -116,6 +116,9 @@ def read_methods(config: Path) -> list[str]:
     return []
 
 
+ONLY_RATE = "the grid's only rate"
+
+
 def in_grid(lr: str, grid: set[float]) -> bool:
     """Whether the record rate ``lr`` (a string) is one of the rates of ``grid``."""
     try:
@@ -133,6 +136,7 @@ def choose(records: list[dict[str, Any]], grid: list[float] | None = None) -> li
         if r.get("job") == "base_model" or r.get("status") != "completed":
             continue
         by_method.setdefault(str(r["experiment"]), {}).setdefault(str(r["lr"]), []).append(r)
+    one_rate_grid = grid is not None and len(grid) == 1  # a given grid of one rate: nothing to choose
     if grid is None:
         grid = sorted({float(lr) for by_lr in by_method.values() for lr in by_lr})
     grid_set = set(grid)
@@ -164,6 +168,8 @@ def choose(records: list[dict[str, Any]], grid: list[float] | None = None) -> li
                 note += f"; {len(by_lr) - len(scored)} rate(s) without a validation loss"
             if float(lr) in (grid[0], grid[-1]):  # the best may lie beyond the grid
                 note += "; at the edge of the grid"
+        elif one_rate_grid and by_lr:
+            lr, note = next(iter(by_lr)), ONLY_RATE
         elif chosen:
             lr, note = next(iter(chosen)), "only rate run (no search)"
         elif by_lr:
@@ -190,11 +196,8 @@ def chosen_rates(records: list[dict[str, Any]], grid: list[float] | None = None)
     rates = {}
     for e in choose(records, grid):
         val = {float(lr): v for lr, (v, _) in e.val_by_lr.items() if in_grid(lr, set(grid))}
-        if (
-            e.lr_note.startswith("lowest validation loss")
-            and set(val) == set(grid)
-            and None not in val.values()
-        ):
+        searched = e.lr_note.startswith("lowest validation loss") and None not in val.values()
+        if set(val) == set(grid) and (searched or e.lr_note == ONLY_RATE):
             rates[e.experiment] = float(e.lr)
     return rates
 
