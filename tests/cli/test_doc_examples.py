@@ -34,7 +34,7 @@ from omegaconf import open_dict
 
 from conftest import FIXTURES, OFFLINE_ENV, REPO, console_script, run_cli
 from moa_train.bench.runner import build_parser
-from moa_train.cli.keys import check_keys, unknown_override
+from moa_train.cli.keys import check_keys, override_error
 from moa_train.cli.validate import validate
 from moa_train.errors import one_line
 from moa_train.serve.load import check_settings
@@ -173,7 +173,7 @@ def _check(label: str, command: str, comment: str, failures: list[str]) -> None:
         _composes(command)
     except Exception as exc:  # collect all, report every broken example at once
         root = ROOTS.get(command.split()[0], "train")
-        line = one_line(unknown_override(str(exc), root) or exc)  # as the console script prints it
+        line = one_line(override_error(exc, root) or exc)  # as the console script prints it
         if (
             "sweep=leaderboard_seeds" in command
             and _no_rates_yet()

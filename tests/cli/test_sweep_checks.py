@@ -21,6 +21,7 @@ BAD = [
     (["sweep=lr_search", "hydra.sweeper.storage=nonsense"], "is not a database URL"),
     (["sweep=lr_search", "hydra.sweeper.storage=sqlite:///no/such/dir/s.db"], "the folder no/such/dir does not exist"),
     (["hydra/sweeper=optuna"], "hydra/sweeper=optuna needs objective="),
+    (["sweep=lr_search", "dry_run=true"], "dry_run=true cannot be swept with hydra/sweeper=optuna"),
     (["hydra/launcher=joblib", "hydra.launcher.n_jobs=0"], "hydra.launcher.n_jobs=0 is invalid"),
     (["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=-5"], "hydra.launcher.timeout_min=-5 is invalid"),
     (["hydra/launcher=submitit_local", "hydra.launcher.nodes=0"], "hydra.launcher.nodes=0 is invalid"),
@@ -106,3 +107,36 @@ def test_keys_of_an_unchosen_option_and_dotted_search_spaces_get_their_fix() -> 
         str(unset)
         == "'moa.router.aux_pool' is not set in this config; add it with +moa.router.aux_pool=<value>"
     )
+
+
+def test_a_sweep_folder_that_cannot_be_made_is_one_line_and_a_good_one_is_left_as_it_was(
+    compose, tmp_path: Path
+) -> None:
+    (tmp_path / "afile").write_text("x")
+    for bad, reason in (
+        (tmp_path / "afile" / "sweep", "afile is a file"),
+        ("/proc/no/sweep", "No such file"),
+    ):
+        with pytest.raises(MoATrainError, match=rf"hydra.sweep.dir={bad} cannot be created \(.*{reason}"):
+            sweep_checks.check_launch(compose([*TINY, f"hydra.sweep.dir={bad}"], hydra=True))
+    good = tmp_path / "new" / "sweep"
+    sweep_checks.check_launch(compose([*TINY, f"hydra.sweep.dir={good}"], hydra=True))
+    assert not (tmp_path / "new").exists()  # made to check, removed again: Hydra makes it when it starts
+
+
+def test_a_wrongly_typed_or_dotted_sweep_override_names_the_override_and_the_fix(tmp_path: Path) -> None:
+    from test_bad_inputs import invoke
+
+    from moa_train.cli.main import train_main
+
+    for args, expected in (
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=abc"],
+         "error: hydra.launcher.n_jobs=abc is invalid: Value 'abc' of type 'str' could not be converted to "
+         "Integer; give an integer"),
+        (["hydra/sweeper=optuna", "objective=val/loss", "hydra.sweeper.params.optimizer.lr=interval(0.1,0.2)"],
+         "error: 'hydra.sweeper.params.optimizer.lr' cannot be set with key=value: give the search space of "
+         "optimizer.lr as a sweep override"),
+    ):  # fmt: skip
+        code, output = invoke(train_main, ["-m", *TINY, f"hydra.sweep.dir={tmp_path / 's'}", *args], tmp_path)
+        assert code == 2 and output.strip().splitlines()[-1].startswith(expected), output[-2000:]
+        assert not (tmp_path / "s").exists()

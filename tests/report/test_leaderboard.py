@@ -319,7 +319,9 @@ def test_rates_the_grid_no_longer_holds_are_shown_but_never_chosen(tmp_path: Pat
     page = lb_page.build_page(records, grid=grid)
     assert "Rates the grid no longer holds (shown, never chosen): 0.0001." in page
     # only a method whose search ran every grid rate is ranked; the others wait in the rate table
-    assert "(`math_molora`)" not in page and "(`math_lora`)" not in page and "| Soft MoA (`math_soft`) |" in page
+    assert (
+        "(`math_molora`)" not in page and "(`math_lora`)" not in page and "| Soft MoA (`math_soft`) |" in page
+    )
     assert "Not ranked until their search has run every grid rate: LoRA (r16), MoLoRA." in page
     assert "| MoLoRA | **0.6000 (1)** | – | – | – |" not in page and "| MoLoRA | 0.6000 (1) |" in page
     assert "the grid rates are chosen from: 0.0003, 0.001, 0.003" in page

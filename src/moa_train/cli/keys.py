@@ -25,7 +25,7 @@ from omegaconf import DictConfig, OmegaConf
 from moa_train.core.config import MoAConfig, RouterConfig
 from moa_train.errors import MoATrainError
 
-__all__ = ["FREE_FORM", "check_keys", "nearest_key", "unknown_override", "valid_keys"]
+__all__ = ["FREE_FORM", "check_keys", "nearest_key", "override_error", "unknown_override", "valid_keys"]
 
 # Maps whose keys are the user's own (documented in docs/training.md, docs/data.md, docs/evaluation.md).
 FREE_FORM = (
@@ -163,6 +163,34 @@ def check_keys(cfg: DictConfig, root: str) -> None:
     leaves = [p for p in unknown if not any(q.startswith(p + ".") for q in unknown)]
     if leaves:
         raise MoATrainError(_message(leaves[0], root))
+
+
+_EXPECTED = {
+    "Integer": "an integer",
+    "Float": "a number",
+    "Boolean": "true or false",
+}  # OmegaConf's type names
+
+
+def override_error(exc: BaseException, root: str) -> MoATrainError | None:
+    """Hydra's refusal of a command-line override as one line naming the override and the fix, or None
+    when ``exc`` is not one: a key the config lacks, a value of the wrong type for a typed key (a
+    plugin's ``hydra.launcher.n_jobs=abc``), a dotted search-space key under ``hydra.sweeper.params``."""
+    message = str(exc)
+    unknown = unknown_override(message, root)
+    if unknown is not None:
+        return unknown
+    match = re.match(r"Sweeping over Hydra's configuration is not supported : '([^'=]+)=", message)
+    if match and match.group(1).startswith("hydra.sweeper.params."):
+        return MoATrainError(_message(match.group(1), root))
+    match = re.match(r"Error merging override (\S+)", message)
+    if match and exc.__cause__ is not None:
+        lines = [s.strip() for s in str(exc.__cause__).splitlines() if s.strip()]
+        reason = lines[0] if lines else type(exc.__cause__).__name__
+        kind = re.search(r"could not be converted to (\w+)", reason)
+        expected = _EXPECTED.get(kind.group(1), "a value of that type") if kind else "a value of that type"
+        return MoATrainError(f"{match.group(1)} is invalid: {reason}; give {expected}")
+    return None
 
 
 def unknown_override(message: str, root: str) -> MoATrainError | None:

@@ -29,7 +29,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 import moa_train.cli.help  # noqa: F401  (registers the resolver of the --help templates)
 from moa_train import rundir
-from moa_train.cli.keys import check_keys, unknown_override
+from moa_train.cli.keys import check_keys, override_error
 from moa_train.cli.sweep_checks import LaunchRefused
 from moa_train.errors import MoATrainError, one_line, report
 
@@ -178,8 +178,8 @@ def _guarded(entry: Callable[[], Any], root: str) -> None:
         report(refused.error, USER_ERRORS, full=full)
     except (Exception, KeyboardInterrupt) as exc:
         rundir.remove_unused_planned()
-        # key=value for a key the config lacks: name the nearest valid key, not Hydra's "use +key"
-        report(unknown_override(str(exc), root) or exc, USER_ERRORS, full=full)
+        # a refused override (a key the config lacks, a value of the wrong type): name it and the fix
+        report(override_error(exc, root) or exc, USER_ERRORS, full=full)
     finally:
         rundir.remove_unused_planned()
         if previous is None:

@@ -71,6 +71,40 @@ def check_launch(config: DictConfig) -> None:
         _check_joblib(hydra_cfg.launcher)
     elif launcher.startswith(SUBMITIT_LAUNCHER):
         _check_submitit(hydra_cfg.launcher, slurm=launcher.endswith("SlurmLauncher"))
+    _check_sweep_dir(OmegaConf.select(hydra_cfg, "sweep.dir", default=None))
+
+
+def _check_sweep_dir(sweep_dir: Any) -> None:
+    """The sweep folder can be created: made and removed again here (Hydra makes it right after), so
+    that a path under a file, a read-only or a virtual file system is one line, not a traceback."""
+    if not sweep_dir:
+        return
+    path = Path(str(sweep_dir))
+    made = []
+    try:
+        for folder in (*reversed(path.parents), path):
+            if folder.is_dir():
+                continue
+            if folder.exists():
+                raise NotADirectoryError(f"{folder} is a file")
+            try:
+                folder.mkdir()
+                made.append(folder)
+            except FileExistsError:  # a sweep starting in the same second made it: fine if a folder
+                if not folder.is_dir():
+                    raise
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise MoATrainError(
+            f"hydra.sweep.dir={sweep_dir} cannot be created ({reason}); "
+            "choose a folder you can write, e.g. hydra.sweep.dir=multirun/my_sweep"
+        ) from None
+    finally:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()
+            except OSError:  # another sweep writes there now: it is theirs to keep
+                break
 
 
 def _int(node: DictConfig, key: str, prefix: str) -> Any:
@@ -86,6 +120,11 @@ def _check_optuna(config: DictConfig, sweeper: DictConfig) -> None:
         raise MoATrainError(
             "hydra/sweeper=optuna needs objective=<a summary.json key to minimise or maximise>, "
             "e.g. objective=val/loss (or use sweep=lr_search, which sets it)"
+        )
+    if config.get("dry_run"):
+        raise MoATrainError(
+            "dry_run=true cannot be swept with hydra/sweeper=optuna: a dry run trains nothing, so no trial has "
+            "an objective to minimise or maximise; drop dry_run=true (or check the jobs with the basic sweeper)"
         )
     direction = sweeper.get("direction")
     name = str(getattr(direction, "name", direction))  # the plugin's Direction enum or a string
