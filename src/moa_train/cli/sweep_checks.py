@@ -71,7 +71,10 @@ def check_launch(config: DictConfig) -> None:
         _check_joblib(hydra_cfg.launcher)
     elif launcher.startswith(SUBMITIT_LAUNCHER):
         _check_submitit(hydra_cfg.launcher, slurm=launcher.endswith("SlurmLauncher"))
-    _check_sweep_dir(OmegaConf.select(hydra_cfg, "sweep.dir", default=None))
+    # a folder name that resolves only later (a user's own interpolation) is Hydra's to make and report
+    _check_sweep_dir(
+        OmegaConf.select(hydra_cfg, "sweep.dir", default=None, throw_on_resolution_failure=False)
+    )
 
 
 def _check_sweep_dir(sweep_dir: Any) -> None:
