@@ -110,13 +110,17 @@ def train_in_process(run_dir: Path, overrides: list[str]) -> dict:
 def _fresh_hydra_state():
     """Tests that run a console script in-process leave Hydra's singletons (HydraConfig, GlobalHydra)
     set; code that asks "was this option given on the command line?" would then read another test's
-    overrides. Every test starts and ends without them."""
+    overrides. Every test starts and ends without them, and without a sweep stop noted by another test's
+    in-process sweep (moa_train.cli.sweep_jobs.refuse_if_stopped)."""
     from hydra.core.global_hydra import GlobalHydra
     from hydra.core.hydra_config import HydraConfig
+
+    from moa_train.cli import sweep_jobs
 
     def clear() -> None:
         GlobalHydra.instance().clear()
         HydraConfig.instance().cfg = None
+        sweep_jobs._STOPPED.clear()
 
     clear()
     yield

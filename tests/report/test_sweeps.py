@@ -330,3 +330,32 @@ def test_the_chosen_rates_block_and_skip_recorded_do_not_make_a_job_folder_forei
     assert _changed_keys(saved, grown.replace("lr: 0.003}", "lr: 0.01}", 1)) == [
         ("optimizer.lr", 0.003, 0.01)
     ]
+
+
+def test_jobs_of_a_sweep_stopped_by_a_signal_do_not_start_in_the_same_process(tmp_path: Path) -> None:
+    """The basic launcher (and joblib with n_jobs=1) runs every job in the sweep's process: once a signal
+    stopped one job, the launcher would start the next, with no signal pending. They must not start."""
+    from test_bad_inputs import invoke
+
+    from moa_train.cli import sweep_jobs
+    from moa_train.cli.main import train_main
+    from moa_train.errors import Preempted
+
+    sweep = tmp_path / "sweep"
+    args = [
+        "-m",
+        *TINY,
+        "final_eval.enabled=false",
+        "trainer.max_steps=2",
+        "seed=0,1",
+        f"hydra.sweep.dir={sweep}",
+    ]
+    sweep_jobs.note_stopped(Preempted("stopped by SIGTERM after step 1; checkpoint c", "r"))  # as job 0 would
+    code, output = invoke(train_main, args, tmp_path)
+    sweep_jobs._STOPPED.clear()  # a new sweep command is a new process
+    assert code != 0 and "not started: this sweep was stopped (stopped by SIGTERM after step 1" in output
+    assert "resume with" not in output  # nothing ran: the sweep command continues it
+    assert not list(sweep.glob("*/summary.json")) and not list(sweep.glob("*/checkpoints"))
+    code, output = invoke(train_main, args, tmp_path)  # run again: both jobs train
+    assert code == 0, output[-3000:]
+    assert sorted(p.parent.name for p in sweep.glob("*/summary.json")) == ["0", "1"]

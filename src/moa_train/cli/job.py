@@ -72,10 +72,12 @@ def run(cfg: DictConfig) -> Any:
     if hc.mode != RunMode.MULTIRUN:
         return _run(cfg)
     try:
+        sweep_jobs.refuse_if_stopped(Path(hc.runtime.output_dir))
         return sweep_jobs.objective_value(cfg, _run(cfg))
     except rundir.RunBusy as exc:
         return sweep_jobs.busy_job(cfg, hc, exc)
     except Preempted as exc:
+        sweep_jobs.note_stopped(exc)
         sweep_jobs.requeue_if_submitit(exc)
         raise
     except BaseException as exc:

@@ -148,6 +148,32 @@ def busy_job(cfg: DictConfig, hydra_cfg: Any, exc: rundir.RunBusy) -> dict[str, 
     return {"status": "busy", "reason": one_line(exc)}
 
 
+_STOPPED: list[str] = []  # the stop message of a job of this process that a signal stopped
+
+
+class SweepStopped(Preempted):
+    """A sweep job not started because a signal stopped an earlier job of its process."""
+
+    def hint(self) -> str:
+        return str(self)  # nothing ran here: no run to resume, the sweep command continues it
+
+
+def note_stopped(exc: Preempted) -> None:
+    """Remember that a signal stopped a job of this process (see :func:`refuse_if_stopped`)."""
+    _STOPPED.append(str(exc))
+
+
+def refuse_if_stopped(run_dir: Path) -> None:
+    """Where a sweep's jobs run in one process (the basic launcher, joblib with n_jobs=1, a reused joblib
+    worker), the launcher starts the next job after one stopped on SIGTERM: no signal is pending then, so
+    it would train until signalled again. A stopped sweep starts no more jobs; running it again continues."""
+    if _STOPPED:
+        raise SweepStopped(
+            f"not started: this sweep was stopped ({_STOPPED[0]}); run the same sweep again to continue",
+            run_dir,
+        )
+
+
 def record_failure(run_dir: Path, exc: BaseException) -> None:
     """Leave the reason of a failed job in its folder (never raises)."""
     if isinstance(exc, Preempted | ForeignRun | rundir.RunBusy):
