@@ -14,6 +14,7 @@ from moa_train.report.leaderboard_stats import (
     chosen_rates,
     in_grid,
     interval95,
+    method_name,
     number,
     welch_p,
 )
@@ -167,11 +168,10 @@ def progress(
     grid_set = set(grid) if grid is not None else None
     finished, seeding, searching, not_run = [], [], [], []
     for m in methods:
-        e = entries.get(m)
-        name = e.name if e is not None else Entry(m, None, "", {}, []).name
-        if m in searched and e is not None and len(e.scores) >= SEEDS:
+        e, name = entries.get(m), method_name(m)
+        if m in searched and len(entries[m].scores) >= SEEDS:  # a searched method has an entry
             finished.append(name)
-        elif m in searched and e is not None:
+        elif m in searched:
             seeding.append(f"{name} ({len(e.scores)} of {SEEDS} seeds)")
         elif e is not None and (
             ran := [

@@ -54,6 +54,11 @@ def welch_p(a: list[float], b: list[float]) -> float | None:
         return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
 
 
+def method_name(experiment: str) -> str:
+    """The method an experiment preset runs (``math_mola`` -> MoLA); the preset itself if unknown."""
+    return NAMES.get(experiment.split("_", 1)[-1], experiment)
+
+
 @dataclass
 class Entry:
     """One method at its chosen learning rate."""
@@ -66,7 +71,7 @@ class Entry:
 
     @property
     def name(self) -> str:
-        return NAMES.get(self.experiment.split("_", 1)[-1], self.experiment)
+        return method_name(self.experiment)
 
     @property
     def scores(self) -> list[float]:
