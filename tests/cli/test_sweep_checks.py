@@ -147,3 +147,19 @@ def test_a_wrongly_typed_or_dotted_sweep_override_names_the_override_and_the_fix
         code, output = invoke(train_main, ["-m", *TINY, f"hydra.sweep.dir={tmp_path / 's'}", *args], tmp_path)
         assert code == 2 and output.strip().splitlines()[-1].startswith(expected), output[-2000:]
         assert not (tmp_path / "s").exists()
+
+
+def test_moa_eval_sweeps_are_checked_the_same_way(tmp_path: Path) -> None:
+    from test_bad_inputs import invoke
+
+    from moa_train.cli.main import eval_main
+
+    for args, expected in (
+        (["hydra/launcher=joblib", "hydra.launcher.n_jobs=0"], "error: hydra.launcher.n_jobs=0 is invalid"),
+        (["hydra/launcher=joblib", "hydra.launcher.backend=threading"], "error: hydra.launcher runs jobs as threads"),
+        (["hydra/sweeper=optuna"], "error: hydra/sweeper=optuna searches training settings and eval jobs"),
+    ):  # fmt: skip
+        argv = ["-m", "checkpoint=a,b", f"hydra.sweep.dir={tmp_path / 's'}", *args]
+        code, output = invoke(eval_main, argv, tmp_path)
+        assert code == 2 and output.strip().splitlines()[-1].startswith(expected), output[-2000:]
+        assert not (tmp_path / "s").exists() and not (tmp_path / "multirun").exists()

@@ -119,6 +119,11 @@ def _int(node: DictConfig, key: str, prefix: str) -> Any:
 
 def _check_optuna(config: DictConfig, sweeper: DictConfig) -> None:
     prefix = "hydra.sweeper"
+    if "objective" not in config:  # moa-eval (or moa-export): its jobs return no number to optimise
+        raise MoATrainError(
+            f"hydra/sweeper=optuna searches training settings and {config.hydra.job.name} jobs return no objective; "
+            "sweep evaluations with the basic sweeper (-m key=a,b), or search with moa-train -m sweep=lr_search"
+        )
     if not config.get("objective"):
         raise MoATrainError(
             "hydra/sweeper=optuna needs objective=<a summary.json key to minimise or maximise>, "
