@@ -202,29 +202,22 @@ def _check_joblib(launcher: DictConfig) -> None:
         raise MoATrainError(
             "hydra.launcher.n_jobs=0 is invalid: the number of jobs run at once is >= 1 (or -1 for one per core)"
         )
-    # deferred: joblib comes with the launcher plugin; its registry also holds backends other packages add
-    from joblib.parallel import BACKENDS
-
+    # Hydra's joblib launcher always runs the jobs with joblib's loky backend (one process per job: each
+    # has its own random state and signal handlers); a backend set here would be silently ignored.
     backend, prefer, require = (launcher.get(k) for k in ("backend", "prefer", "require"))
-    if backend is not None and backend not in BACKENDS:
+    if backend not in (None, "loky"):
         raise MoATrainError(
-            f"hydra.launcher.backend={backend!r} is not a joblib backend; use one of {', '.join(sorted(BACKENDS))} "
-            "or null (loky: one process per job)"
+            f"hydra.launcher.backend={backend!r} would be ignored: the joblib launcher always runs one process "
+            "per job (joblib's loky backend); drop the override (hydra.launcher.backend=null)"
         )
     if prefer not in (None, "processes", "threads"):
         raise MoATrainError(
             f"hydra.launcher.prefer={prefer!r} is invalid: expected processes, threads or null"
         )
-    if require not in (None, "sharedmem"):
-        raise MoATrainError(f"hydra.launcher.require={require!r} is invalid: expected sharedmem or null")
-    # Jobs run as threads of one process share torch's random state (a seed no longer fixes a job's
-    # result) and only the main thread receives signals (a SIGTERM'd job would not checkpoint).
-    threads = backend == "threading" or (backend is None and (prefer == "threads" or require == "sharedmem"))
-    if threads:
+    if require is not None:  # joblib: "Backend loky does not support shared memory", after the folder exists
         raise MoATrainError(
-            "hydra.launcher runs jobs as threads here (backend=threading, prefer=threads or require=sharedmem): "
-            "threads share torch's random state and cannot stop cleanly on SIGTERM; use processes "
-            "(hydra.launcher.backend=null prefer=processes require=null, the default)"
+            f"hydra.launcher.require={require!r} cannot be met: the joblib launcher runs one process per job, "
+            "which share no memory; drop the override (hydra.launcher.require=null)"
         )
 
 
