@@ -169,10 +169,11 @@ def progress(
     finished, seeding, searching, not_run = [], [], [], []
     for m in methods:
         e, name = entries.get(m), method_name(m)
-        if m in searched and len(entries[m].scores) >= SEEDS:  # a searched method has an entry
-            finished.append(name)
-        elif m in searched:
-            seeding.append(f"{name} ({len(e.scores)} of {SEEDS} seeds)")
+        if m in searched and e is not None:  # a searched method always has an entry
+            if len(e.scores) >= SEEDS:
+                finished.append(name)
+            else:
+                seeding.append(f"{name} ({len(e.scores)} of {SEEDS} seeds)")
         elif e is not None and (
             ran := [
                 lr for lr, (_, n) in e.val_by_lr.items() if n and (grid_set is None or in_grid(lr, grid_set))
